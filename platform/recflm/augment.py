@@ -1,0 +1,247 @@
+"""The example pipeline: a prepared dataset -> (source, target) prompt pairs, as a lazy Ray Dataset.
+
+Nothing here is materialized: the training stage streams ``example_dataset(...)`` and every epoch
+re-draws targets, templates, negatives and augmentation. Draws are seeded by (seed, epoch, split,
+batch), so the same seed and epoch reproduce the same examples, and a new epoch draws new ones.
+
+Augmentation operators (probabilities in ``AugmentConfig``), applied to training examples only:
+
+- ``crop``: keep a random contiguous window (at least half) of the history
+- ``mask``: replace a share of history items by ``<mask>``
+- ``reorder``: shuffle a short random window of the history
+- ``substitute``: replace one history item by a random catalog item (noise)
+- ``rating_noise``: add Gaussian noise to rating targets (rounded to 0.1, clipped to the scale)
+- ``merge_sources``: users of secondary sources join an epoch with this probability (expansion by
+  merging sources; the first source is the primary one and is always in)
+
+Leak-freedom: training examples use only training interactions (histories, targets, rating /
+explanation / review rows of split ``train``); negatives for direct prompts are drawn from items
+the user never interacted with in any split.
+"""
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import AugmentConfig, PrepareConfig, PromptConfig
+from .dataset import INTERACTIONS, SEQUENCES, PreparedData
+from .prompts import FAMILIES, format_rating, load_templates, usable
+
+SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
+EVAL_CANDIDATES = 100
+EXAMPLE_COLUMNS = ["family", "template", "source", "target", "user", "item", "split", "epoch"]
+MASK = "<mask>"
+
+
+@lru_cache(maxsize=4)
+def _context(data_dir: str, templates_dir: str):
+    """Per worker process: catalog arrays and templates, loaded once."""
+    data = PreparedData.open(data_dir)
+    cat = data.catalog
+    ids = cat["id_text"].to_numpy(dtype=object)
+    titles = cat["title"].to_numpy(dtype=object) if "title" in cat else np.full(len(cat), None, dtype=object)
+    desc = np.array([f"{i} ({t})" if isinstance(t, str) else str(i) for i, t in zip(ids, titles)], dtype=object)
+    index = pd.Index(cat["item"])
+    return {"ids": ids, "desc": desc, "index": index, "templates": load_templates(templates_dir or None),
+            "manifest": data.manifest, "scale": (data.manifest["config"]["rating_min"],
+                                                 data.manifest["config"]["rating_max"])}
+
+
+def _rng(seed: int, epoch: int, split: str, key: str) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, SPLIT_CODE[split], zlib.crc32(key.encode())])
+
+
+def _augment_history(hist: list, rng: np.random.Generator, aug: AugmentConfig, ids: np.ndarray) -> list:
+    hist = list(hist)
+    n = len(hist)
+    if n >= 2 and rng.random() < aug.crop:
+        size = int(rng.integers(max(1, n // 2), n + 1))
+        start = int(rng.integers(0, n - size + 1))
+        hist = hist[start:start + size]
+    if len(hist) >= 2 and rng.random() < aug.reorder:
+        w = min(aug.reorder_window, len(hist))
+        s = int(rng.integers(0, len(hist) - w + 1))
+        window = hist[s:s + w]
+        rng.shuffle(window)
+        hist[s:s + w] = window
+    if hist and rng.random() < aug.substitute:
+        hist[int(rng.integers(0, len(hist)))] = ids[int(rng.integers(0, len(ids)))]
+    if len(hist) >= 2 and rng.random() < aug.mask:
+        for j in np.flatnonzero(rng.random(len(hist)) < aug.mask_rate):
+            hist[j] = MASK
+    return hist
+
+
+def _join_history(hist: list, rng: np.random.Generator) -> str:
+    return (" -> " if rng.random() < 0.5 else ", ").join(hist)
+
+
+def _negatives(rng: np.random.Generator, n_items: int, seen: set, k: int) -> list[int]:
+    out: list[int] = []
+    if n_items - len(seen) < k:
+        k = max(0, n_items - len(seen))
+    while len(out) < k:
+        draw = rng.integers(0, n_items, size=2 * (k - len(out)) + 4)
+        for d in draw:
+            d = int(d)
+            if d not in seen and d not in out:
+                out.append(d)
+                if len(out) == k:
+                    break
+    return out
+
+
+def _emit(rows: list, fam: str, temps: list, ex: dict, rng, held_out: bool | None, meta: dict) -> None:
+    cands = usable(temps, ex, held_out)
+    if not cands:
+        return
+    t = cands[int(rng.integers(0, len(cands)))]
+    src, tgt = t.render(ex)
+    rows.append({"family": fam, "template": t.id, "source": src, "target": tgt, **meta})
+
+
+def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, split: str, epoch: int,
+                      seed: int, prompts: PromptConfig, aug: AugmentConfig, families: list,
+                      held_out: bool | None) -> pd.DataFrame:
+    """Sequential and direct examples from per-user sequences (one batch of users)."""
+    ctx = _context(data_dir, templates_dir)
+    ids, n_items, temps = ctx["ids"], len(ctx["ids"]), ctx["templates"]
+    primary = ctx["manifest"].get("primary_source")
+    rows: list = []
+    if len(batch) == 0:
+        return pd.DataFrame(columns=EXAMPLE_COLUMNS)
+    rng = _rng(seed, epoch, split, str(batch["user"].iloc[0]))
+    H = prompts.max_history
+    for user, source, items, index, n_train in zip(batch["user"], batch["source"], batch["items"],
+                                                   batch["index"], batch["n_train"]):
+        n_train, total = int(n_train), len(items)
+        seen = set(int(i) for i in index)
+        meta = {"user": user, "split": split, "epoch": epoch}
+        seq = [ids[int(i)] for i in index]
+        if split == "train":
+            if source != primary and rng.random() >= aug.merge_sources:
+                continue
+            if n_train < 2:
+                continue
+            if "sequential" in families:
+                for _ in range(prompts.sequential_per_user):
+                    t = int(rng.integers(1, n_train))
+                    hist = _augment_history(seq[max(0, t - H):t], rng, aug, ids)
+                    ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
+                    _emit(rows, "sequential", temps["sequential"], ex, rng, held_out, {**meta, "item": items[t]})
+            if "direct" in families:
+                for d in range(prompts.direct_per_user):
+                    t = int(rng.integers(1, n_train))
+                    hist = seq[max(0, t - 5):t]
+                    if d % 2 == 0:  # yes / no about one item
+                        pos = rng.random() < 0.5
+                        it = seq[t] if pos else ids[_negatives(rng, n_items, seen, 1)[0]]
+                        ex = {"user": user, "history": _join_history(hist, rng), "item": it,
+                              "answer": "yes" if pos else "no"}
+                        fam_temps = [x for x in temps["direct"] if "answer" in x.fields]
+                    else:  # 1-of-N candidates
+                        cand = [seq[t]] + [ids[j] for j in _negatives(rng, n_items, seen, prompts.direct_candidates - 1)]
+                        rng.shuffle(cand)
+                        ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t],
+                              "candidates": ", ".join(cand)}
+                        fam_temps = [x for x in temps["direct"] if "candidates" in x.fields]
+                    _emit(rows, "direct", fam_temps, ex, rng, held_out, {**meta, "item": items[t]})
+            continue
+        # evaluation splits: the held-out item of this split as target, everything before as history
+        t = n_train + SPLIT_CODE[split] - 1
+        if t >= total or t < 1:
+            continue
+        hist = seq[max(0, t - H):t]
+        if "sequential" in families:
+            ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
+            _emit(rows, "sequential", temps["sequential"], ex, rng, held_out, {**meta, "item": items[t]})
+        if "direct" in families:
+            urng = _rng(seed, 0, split, user)  # fixed negatives per user: the 1-of-100 protocol
+            cand = [seq[t]] + [ids[j] for j in _negatives(urng, n_items, seen, EVAL_CANDIDATES - 1)]
+            urng.shuffle(cand)
+            ex = {"user": user, "history": _join_history(hist[-5:], rng), "item": seq[t],
+                  "candidates": ", ".join(cand)}
+            fam_temps = [x for x in temps["direct"] if "candidates" in x.fields]
+            _emit(rows, "direct", fam_temps, ex, rng, held_out, {**meta, "item": items[t]})
+    return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
+
+
+def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, split: str, epoch: int,
+                         seed: int, prompts: PromptConfig, aug: AugmentConfig, families: list,
+                         held_out: bool | None) -> pd.DataFrame:
+    """Rating, explanation and review examples from interaction rows of one split."""
+    ctx = _context(data_dir, templates_dir)
+    temps, lo, hi = ctx["templates"], *ctx["scale"]
+    primary = ctx["manifest"].get("primary_source")
+    review_sources = set(ctx["manifest"].get("review_sources", []))
+    batch = batch[batch["split"] == split]
+    if len(batch) == 0:
+        return pd.DataFrame(columns=EXAMPLE_COLUMNS)
+    rng = _rng(seed, epoch, split, str(batch["user"].iloc[0]) + str(batch["item"].iloc[0]))
+    pos = ctx["index"].get_indexer(batch["item"])
+    rows: list = []
+    cut = prompts.max_text_chars
+    for (user, item, rating, text, summary, source), p in zip(
+            batch[["user", "item", "rating", "text", "summary", "source"]].itertuples(index=False, name=None), pos):
+        if p < 0:
+            continue
+        if split == "train" and source != primary and rng.random() >= aug.merge_sources:
+            continue
+        meta = {"user": user, "item": item, "split": split, "epoch": epoch}
+        has_rating = rating is not None and not pd.isna(rating)
+        r = float(rating) if has_rating else None
+        if has_rating and split == "train" and rng.random() < aug.rating_noise:
+            r = float(np.clip(round(r + rng.normal(0, aug.rating_noise_sd), 1), lo, hi))
+        base = {"user": user, "item": ctx["ids"][p], "item_desc": ctx["desc"][p],
+                "rating": format_rating(r) if has_rating else None}
+        if "rating" in families and has_rating and (split != "train" or rng.random() < prompts.rating_per_row):
+            _emit(rows, "rating", temps["rating"], base, rng, held_out, meta)
+        has_text = isinstance(text, str) and text
+        if "explanation" in families and has_text:
+            _emit(rows, "explanation", temps["explanation"], {**base, "text": text[:cut]}, rng, held_out, meta)
+        if "review" in families and has_text and source in review_sources:
+            ex = {**base, "text": text[:cut], "summary": summary if isinstance(summary, str) else None}
+            _emit(rows, "review", temps["review"], ex, rng, held_out, meta)
+    return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
+
+
+def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, split: str = "train",
+                    epoch: int = 0, families: list | None = None, held_out: bool | None = False,
+                    log=print):
+    """Lazy Ray Dataset of prompt examples for one split and epoch.
+
+    ``held_out=False`` (training): only seen templates; ``True``: only held-out ones (zero-shot
+    evaluation); ``None``: both. Families the data cannot feed are skipped with a message."""
+    import ray.data
+
+    if split not in SPLIT_CODE:
+        raise ValueError(f"unknown split {split!r} (train, valid, test)")
+    data = PreparedData.open(data_dir)
+    cfg = cfg or PrepareConfig(**{})
+    wanted = list(families or cfg.prompts.families)
+    unknown = [f for f in wanted if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown task family {unknown[0]!r} (known: {', '.join(FAMILIES)})")
+    fams = [f for f in wanted if f in data.families]
+    for f in wanted:
+        if f not in fams:
+            log(f"examples: skipping the {f} family: the dataset has no input for it")
+    kw = dict(data_dir=str(Path(data_dir).resolve()), templates_dir=cfg.prompts.templates_dir, split=split,
+              epoch=epoch, seed=cfg.seed, prompts=cfg.prompts, aug=cfg.augment, families=fams, held_out=held_out)
+    parts = []
+    if {"sequential", "direct"} & set(fams):
+        parts.append(ray.data.read_parquet(str(data.path / SEQUENCES))
+                     .map_batches(sequence_examples, fn_kwargs=kw, batch_format="pandas", batch_size=256))
+    if {"rating", "explanation", "review"} & set(fams):
+        parts.append(ray.data.read_parquet(str(data.path / INTERACTIONS))
+                     .map_batches(interaction_examples, fn_kwargs=kw, batch_format="pandas", batch_size=2048))
+    if not parts:
+        raise ValueError(f"none of the families {wanted} can be built from {data_dir}")
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.union(p)
+    return out

@@ -1,0 +1,341 @@
+"""``recflm prepare``: raw interaction logs -> a clean, leak-free, prompt-ready dataset directory.
+
+The pipeline runs on Ray Data and streams; the driver only ever holds small per-item and per-block
+summaries (item counts, item first appearances, outcome counts), never the rows::
+
+    read (one reader per source) -> RowCleaner (checks, normalisation, namespacing)
+      -> repartition(keys=["user"])  (one hash shuffle: every user's rows in one block)
+      -> dedup_block                 (exact duplicates, repeated pairs, tags -> text)   [materialized]
+      -> k-core passes               (per-block item degrees; the driver keeps the removed-item set)
+      -> finalize_block              (k-core reasons, time order, leave-one-out split)  [materialized]
+      -> item first appearances -> IDs (indexing.py) -> write interactions / rejects / sequences / users
+
+See dataset.py for the layout written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from . import __version__
+from .clean import REASONS, RowCleaner, account_block, dedup_block, finalize_block, kcore_item_counts
+from .config import PrepareConfig, SourceConfig, parse_sources, to_dict
+from .dataset import INTERACTIONS, ITEMS, MANIFEST, REJECTS, SEQUENCES, STATS, USERS
+from .indexing import assign_ids
+from .readers import SourceError, SourcePlan, bundled_source, plan_source, read_item_meta, read_source
+
+INTERACTION_COLUMNS = ["user", "item", "rating", "ts", "text", "summary", "source", "split", "pos"]
+REJECT_COLUMNS = ["source", "file", "kind", "user", "item", "rating", "ts", "text", "summary", "reason"]
+COOC_WINDOW = 3
+
+
+class PrepareError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- planning
+def plan(cfg: PrepareConfig) -> list[SourcePlan]:
+    """Check every source and the output directory before any work is done."""
+    sources = parse_sources(cfg) or [bundled_source()]
+    plans, seen = [], set()
+    for i, s in enumerate(sources):
+        name = s.name or s.type
+        while name in seen:
+            name = f"{s.name or s.type}{i}"
+        if ":" in name:
+            raise SourceError(f"source name {name!r} must not contain ':'")
+        seen.add(name)
+        plans.append(plan_source(s, name))
+    if cfg.k_core < 0:
+        raise PrepareError(f"k_core must be >= 0, got {cfg.k_core}")
+    if not cfg.rating_min < cfg.rating_max:
+        raise PrepareError("rating_min must be below rating_max")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise PrepareError(f"{out} exists, is not empty and is not a recflm dataset: refusing to overwrite it")
+    return plans
+
+
+def fingerprint(plans: list[SourcePlan]) -> list[dict]:
+    """Size, mtime and a hash of the first MiB of each input file."""
+    out = []
+    for p in plans:
+        for f in p.files + ([p.items_meta] if p.items_meta else []):
+            st = f.stat()
+            with open(f, "rb") as fh:
+                head = hashlib.sha256(fh.read(1 << 20)).hexdigest()[:16]
+            out.append({"source": p.name, "type": p.cfg.type, "file": str(f), "bytes": st.st_size,
+                        "mtime": int(st.st_mtime), "sha256_first_mib": head})
+    return out
+
+
+def _num_partitions(cfg: PrepareConfig, plans: list[SourcePlan]) -> int:
+    if cfg.num_partitions > 0:
+        return cfg.num_partitions
+    total = sum(f.stat().st_size for p in plans for f in p.files)
+    # ~6 MiB of input per partition keeps each user block far below Ray Data's 128 MiB block cap
+    return int(np.clip(total // (6 << 20), 2, 1024))
+
+
+# ----------------------------------------------------------------------------- per-block helpers
+def _user_hash(users: pd.Series, seed: int) -> np.ndarray:
+    key = hashlib.sha256(str(seed).encode()).hexdigest()[:16]
+    return pd.util.hash_array(users.to_numpy(dtype=object), hash_key=key).astype(np.uint64)
+
+
+def item_stats_block(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Per block: per item, training count, total count and first appearance keys.
+
+    A key orders (user in seeded hash order, position in the user's sequence)."""
+    kept = df[df["reason"].isna() & (df["kind"] == "interaction")]
+    key = (_user_hash(kept["user"], seed) >> np.uint64(24)).astype(np.int64) * (1 << 20) + \
+        np.minimum(kept["pos"].to_numpy(np.int64), (1 << 20) - 1)
+    t = pd.DataFrame({"item": kept["item"].to_numpy(), "source": kept["source"].to_numpy(), "key": key,
+                      "train": (kept["split"] == "train").to_numpy()})
+    g_all = t.groupby("item", sort=False).agg(source=("source", "first"), n_total=("key", "size"))
+    tr = t[t["train"]].groupby("item", sort=False)["key"].agg(["min", "size"])
+    ot = t[~t["train"]].groupby("item", sort=False)["key"].min()
+    g_all["n_train"] = tr["size"].reindex(g_all.index).fillna(0).astype("int64")
+    g_all["train_key"] = tr["min"].reindex(g_all.index).astype("float64")
+    g_all["other_key"] = ot.reindex(g_all.index).astype("float64")
+    return g_all.reset_index()
+
+
+def cooc_block(df: pd.DataFrame, item_index: dict) -> pd.DataFrame:
+    """Per block: co-occurrence counts of training items within COOC_WINDOW of each other."""
+    kept = df[df["reason"].isna() & (df["kind"] == "interaction") & (df["split"] == "train")]
+    kept = kept.sort_values(["user", "pos"])
+    idx = kept["item"].map(item_index).to_numpy(np.int64)
+    users = kept["user"].to_numpy()
+    rows, cols = [], []
+    for w in range(1, COOC_WINDOW + 1):
+        same = users[w:] == users[:-w]
+        rows.append(idx[:-w][same])
+        cols.append(idx[w:][same])
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    pairs = pd.DataFrame({"i": np.concatenate([r, c]), "j": np.concatenate([c, r])})
+    return pairs.value_counts().reset_index(name="n")
+
+
+SEQUENCE_SCHEMA = pa.schema([
+    ("user", pa.string()), ("source", pa.string()), ("items", pa.list_(pa.string())),
+    ("index", pa.list_(pa.int32())), ("ids", pa.list_(pa.string())), ("ratings", pa.list_(pa.float64())),
+    ("ts", pa.list_(pa.int64())), ("n_train", pa.int32()),
+])
+
+
+def sequences_block(df: pd.DataFrame, catalog_index: pd.Index, id_texts: np.ndarray) -> pa.Table:
+    """Per block: one row per user with the time-ordered items, their IDs, ratings and times."""
+    kept = df[df["reason"].isna() & (df["kind"] == "interaction")].sort_values(["user", "pos"])
+    if kept.empty:
+        return SEQUENCE_SCHEMA.empty_table()
+    pos = catalog_index.get_indexer(kept["item"])
+    users = kept["user"].to_numpy(dtype=object)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    offsets = pa.array(np.r_[starts, len(users)].astype(np.int32))
+
+    def lst(values, typ):
+        return pa.ListArray.from_arrays(offsets, pa.array(values, type=typ))
+
+    n_train = (kept["split"] == "train").groupby(kept["user"], sort=False).sum()
+    return pa.Table.from_arrays([
+        pa.array(users[starts], pa.string()),
+        pa.array(kept["source"].to_numpy(dtype=object)[starts], pa.string()),
+        lst(kept["item"].to_numpy(dtype=object), pa.string()),
+        lst(pos.astype(np.int32), pa.int32()),
+        lst(id_texts[pos], pa.string()),
+        lst(kept["rating"].to_numpy(np.float64), pa.float64()),
+        lst(kept["ts"].to_numpy(np.int64), pa.int64()),
+        pa.array(n_train.reindex(users[starts]).to_numpy(np.int32), pa.int32()),
+    ], schema=SEQUENCE_SCHEMA)
+
+
+def users_block(df: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"user": df["user"], "source": df["source"],
+                         "n_total": df["items"].map(len).astype("int32"), "n_train": df["n_train"]})
+
+
+def interactions_view(df: pd.DataFrame) -> pd.DataFrame:
+    kept = df[df["reason"].isna() & (df["kind"] == "interaction")]
+    return kept[INTERACTION_COLUMNS].reset_index(drop=True)
+
+
+def rejects_view(df: pd.DataFrame) -> pd.DataFrame:
+    bad = df[df["reason"].notna()].copy()
+    bad["rating"] = bad["rating_raw"].where(bad["rating_raw"].notna(), bad["rating"].astype("str"))
+    bad["ts"] = bad["ts_raw"].where(bad["ts_raw"].notna(), bad["ts"].astype("str"))
+    return bad[REJECT_COLUMNS].astype("str").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- main
+def run(cfg: PrepareConfig, log=print) -> dict:
+    """Run the whole stage; returns the stats dict that is also written to stats.json."""
+    import ray
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    from .runtime import ensure_ray
+
+    t0 = time.perf_counter()
+    plans = plan(cfg)
+    ensure_ray()
+    ctx = DataContext.get_current()
+    ctx.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
+    k = cfg.k_core if cfg.k_core > 1 else 1
+    out = Path(cfg.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    spec = {p.name: {"scale": p.scale, "ts_unit": p.cfg.ts_unit, "has_rating": p.has_rating} for p in plans}
+    raw = read_source(plans[0])
+    for p in plans[1:]:
+        raw = raw.union(read_source(p))
+    nparts = _num_partitions(cfg, plans)
+    log(f"prepare: {len(plans)} source(s), {nparts} user partitions")
+    cleaned = raw.map_batches(RowCleaner(spec, cfg.rating_min, cfg.rating_max, cfg.min_ts, cfg.max_ts),
+                              batch_format="pandas", batch_size=100_000)
+    deduped = (cleaned.repartition(nparts, keys=["user"])
+               .map_batches(dedup_block, batch_format="pandas", batch_size=None)
+               .materialize())
+
+    removed = np.array([], dtype=object)
+    passes = 0
+    if k > 1:
+        while True:
+            passes += 1
+            counts = deduped.map_batches(kcore_item_counts, fn_kwargs={"removed_items": removed, "k": k},
+                                         batch_format="pandas", batch_size=None).to_pandas()
+            totals = counts.groupby("item")["n"].sum()
+            weak = totals.index[totals < k].to_numpy(dtype=object)
+            if len(weak) == 0:
+                break
+            removed = np.concatenate([removed, weak])
+    log(f"prepare: k-core (k={k}) converged after {passes} pass(es), {len(removed)} items removed by degree")
+    final = deduped.map_batches(finalize_block, fn_kwargs={"removed_items": removed, "k": k},
+                                batch_format="pandas", batch_size=None).materialize()
+
+    # catalog: first appearances -> IDs, plus metadata
+    per_block = final.map_batches(item_stats_block, fn_kwargs={"seed": cfg.seed}, batch_format="pandas",
+                                  batch_size=None).to_pandas()
+    if per_block.empty:
+        raise PrepareError("no interaction survived cleaning and k-core filtering; see rejects.parquet reasons "
+                           "(lower k_core for sparse data)")
+    istats = per_block.groupby("item", sort=False).agg(
+        source=("source", "first"), n_total=("n_total", "sum"), n_train=("n_train", "sum"),
+        train_key=("train_key", "min"), other_key=("other_key", "min")).reset_index()
+    cooc = None
+    if cfg.indexing == "collaborative":
+        import scipy.sparse as sp
+
+        order = istats.sort_values("item", kind="stable")["item"].tolist()
+        item_index = {it: i for i, it in enumerate(order)}
+        pairs = final.map_batches(cooc_block, fn_kwargs={"item_index": item_index}, batch_format="pandas",
+                                  batch_size=None).to_pandas()
+        cooc = sp.coo_matrix((pairs["n"].to_numpy(np.float64), (pairs["i"], pairs["j"])),
+                             shape=(len(order), len(order))).tocsr()
+    catalog = assign_ids(istats, cfg.indexing, cfg.seed, cooc, cfg.collab_clusters, cfg.collab_leaf_size)
+    meta = pd.concat([read_item_meta(p) for p in plans], ignore_index=True)
+    catalog = catalog.merge(meta, on="item", how="left") if not meta.empty else catalog.assign(title=None, genres=None)
+    catalog = catalog[["item", "index", "id_text", "source", "title", "genres", "n_train", "n_total"]]
+    catalog.to_parquet(out / ITEMS, index=False)
+
+    # the row outputs
+    final.map_batches(interactions_view, batch_format="pandas", batch_size=None) \
+        .write_parquet(str(out / INTERACTIONS))
+    rejects = final.map_batches(rejects_view, batch_format="pandas", batch_size=None)
+    rejects.write_parquet(str(out / REJECTS))
+    seqs = final.map_batches(sequences_block, fn_kwargs={
+        "catalog_index": pd.Index(catalog["item"]), "id_texts": catalog["id_text"].to_numpy(dtype=object)},
+        batch_format="pandas", batch_size=None).materialize()
+    seqs.write_parquet(str(out / SEQUENCES))
+    seqs.map_batches(users_block, batch_format="pandas").write_parquet(str(out / USERS))
+
+    acct = final.map_batches(account_block, batch_format="pandas", batch_size=None).to_pandas()
+    stats = _stats(acct, seqs, catalog, plans, k, passes, time.perf_counter() - t0)
+    (out / STATS).write_text(json.dumps(stats, indent=2))
+    manifest = {
+        "kind": "recflm-dataset", "format_version": 1, "recflm_version": __version__,
+        "created_unix": int(time.time()), "sources": fingerprint(plans), "config": to_dict(cfg),
+        "indexing": cfg.indexing, "families": stats["families"],
+        "primary_source": plans[0].name, "review_sources": [p.name for p in plans if p.review_text],
+        "versions": _versions(), "layout": [INTERACTIONS, REJECTS, SEQUENCES, USERS, ITEMS, STATS],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return stats
+
+
+def _stats(acct: pd.DataFrame, seqs, catalog: pd.DataFrame, plans, k: int, passes: int, seconds: float) -> dict:
+    total = int(acct["n"].sum())
+    kept = int(acct.loc[acct["outcome"] == "kept", "n"].sum())
+    rej = acct[acct["outcome"] != "kept"].groupby("outcome")["n"].sum()
+    per_file = {}
+    for (f, outcome), n in acct.groupby(["file", "outcome"])["n"].sum().items():
+        d = per_file.setdefault(f, {"input_rows": 0, "kept": 0, "rejected": 0})
+        d["input_rows"] += int(n)
+        d["kept" if outcome == "kept" else "rejected"] += int(n)
+    lens = seqs.map_batches(lambda b: pd.DataFrame({"n": b["items"].map(len), "t": b["n_train"]}),
+                            batch_format="pandas").to_pandas()
+    n_inter = int(lens["n"].sum())
+    families = ["sequential", "direct"]
+    if any(p.has_rating for p in plans):
+        families.insert(0, "rating")
+    has_text = bool(seqs.count()) and any(p.has_text for p in plans)
+    if has_text:
+        families.append("explanation")
+    if any(p.review_text and (p.has_summary or p.has_rating) for p in plans):
+        families.append("review")
+    return {
+        "input_rows": total, "kept": kept, "rejected": total - kept,
+        "rejected_by_reason": {r: int(rej.get(r, 0)) for r in REASONS if int(rej.get(r, 0))},
+        "kept_interactions": n_inter, "kept_tags_as_text": kept - n_inter,
+        "per_file": per_file,
+        "users": int(len(lens)), "items": int(len(catalog)),
+        "items_in_train": int((catalog["n_train"] > 0).sum()),
+        "density": n_inter / max(1, len(lens) * len(catalog)),
+        "seq_len_mean": float(lens["n"].mean()) if len(lens) else 0.0,
+        "seq_len_median": float(lens["n"].median()) if len(lens) else 0.0,
+        "split_rows": {"train": int(lens["t"].sum()), "valid": int(((lens["n"] - lens["t"]) >= 1).sum()),
+                       "test": int(((lens["n"] - lens["t"]) >= 2).sum())},
+        "k_core": k, "k_core_passes": passes, "families": families,
+        "seconds": round(seconds, 2),
+    }
+
+
+def _versions() -> dict:
+    import pandas
+    import pyarrow
+    import ray
+
+    return {"python": sys.version.split()[0], "ray": ray.__version__, "pandas": pandas.__version__,
+            "pyarrow": pyarrow.__version__, "numpy": np.__version__}
+
+
+def format_stats(stats: dict) -> str:
+    """The stats table printed at the end of ``recflm prepare``."""
+    rows = [("input rows", stats["input_rows"]), ("kept", stats["kept"]),
+            ("  interactions", stats["kept_interactions"]), ("  tags merged as text", stats["kept_tags_as_text"]),
+            ("rejected", stats["rejected"])]
+    rows += [(f"  {r}", n) for r, n in stats["rejected_by_reason"].items()]
+    rows += [("users", stats["users"]), ("items", stats["items"]),
+             ("items in train", stats["items_in_train"]), ("density", f"{stats['density']:.5f}"),
+             ("sequence length mean / median", f"{stats['seq_len_mean']:.1f} / {stats['seq_len_median']:.0f}"),
+             ("train / valid / test rows", "{train} / {valid} / {test}".format(**stats["split_rows"])),
+             ("k-core (k, passes)", f"{stats['k_core']}, {stats['k_core_passes']}"),
+             ("task families", ", ".join(stats["families"])), ("seconds", stats["seconds"])]
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'statistic':<{w}}  value", f"{'-' * w}  {'-' * 12}"]
+    lines += [f"{name:<{w}}  {value:>12}" if isinstance(value, int) else f"{name:<{w}}  {value}"
+              for name, value in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["run", "plan", "format_stats", "PrepareError", "SourceConfig"]

@@ -1,0 +1,103 @@
+"""Task families and their prompt templates (YAML data files in ``templates/``).
+
+A template is ``{id, source, target, held_out}``; ``source`` and ``target`` are ``str.format``
+strings over the fields of one example (``user``, ``item``, ``item_desc``, ``history``,
+``candidates``, ``rating``, ``text``, ``summary``, ``answer``). A template is used for an example only
+when every field it names is present. Templates marked ``held_out`` are never used in training: they
+are kept for zero-shot evaluation (P5 holds out the last prompt of each family the same way).
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+FAMILIES = ("rating", "sequential", "explanation", "review", "direct")
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+MIN_TEMPLATES = 5
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    family: str
+    source: str
+    target: str
+    held_out: bool = False
+
+    @property
+    def fields(self) -> frozenset:
+        names = set()
+        for text in (self.source, self.target):
+            names |= {f for _, f, _, _ in string.Formatter().parse(text) if f}
+        return frozenset(names)
+
+    def render(self, ex: dict) -> tuple[str, str]:
+        return self.source.format(**ex), self.target.format(**ex)
+
+
+def load_templates(directory: str | Path | None = None) -> dict[str, list[Template]]:
+    """All families' templates; checks each family has >= 5 and at least one held out."""
+    d = Path(directory) if directory else TEMPLATES_DIR
+    out: dict[str, list[Template]] = {}
+    for fam in FAMILIES:
+        path = d / f"{fam}.yaml"
+        if not path.exists():
+            raise TemplateError(f"{path}: template file for family {fam!r} is missing")
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise TemplateError(f"{path}: not valid YAML: {e}") from None
+        items = (doc or {}).get("templates") or []
+        temps = []
+        for i, t in enumerate(items):
+            if not isinstance(t, dict) or not {"id", "source", "target"} <= set(t):
+                raise TemplateError(f"{path}: template #{i + 1} needs id, source and target")
+            temps.append(Template(str(t["id"]), fam, str(t["source"]), str(t["target"]), bool(t.get("held_out"))))
+        if len(temps) < MIN_TEMPLATES:
+            raise TemplateError(f"{path}: family {fam!r} has {len(temps)} templates, needs at least {MIN_TEMPLATES}")
+        if not any(t.held_out for t in temps) or all(t.held_out for t in temps):
+            raise TemplateError(f"{path}: family {fam!r} needs both seen and held-out templates")
+        ids = [t.id for t in temps]
+        if len(set(ids)) != len(ids):
+            raise TemplateError(f"{path}: duplicate template ids")
+        out[fam] = temps
+    return out
+
+
+def usable(templates: list[Template], ex: dict, held_out: bool | None) -> list[Template]:
+    """Templates of a family whose fields the example has (``held_out`` None: both kinds)."""
+    have = {k for k, v in ex.items() if v is not None}
+    return [t for t in templates if t.fields <= have and (held_out is None or t.held_out == held_out)]
+
+
+def format_rating(r: float) -> str:
+    return f"{r:.1f}"
+
+
+def preview(data_dir: str, n: int, cfg=None) -> str:
+    """N rendered (source -> target) training examples per family, as text."""
+    from .augment import example_dataset
+
+    fams = {}
+    ds = example_dataset(data_dir, cfg, split="train", epoch=0)
+    for row in ds.iter_rows():
+        lst = fams.setdefault(row["family"], [])
+        if len(lst) < n:
+            lst.append(row)
+        if len(fams) == len(FAMILIES) and all(len(v) >= n for v in fams.values()):
+            break
+    lines = []
+    for fam in FAMILIES:
+        if fam not in fams:
+            lines.append(f"[{fam}] skipped: the dataset has no input for it")
+            continue
+        for row in fams[fam]:
+            lines.append(f"[{fam} / {row['template']}] {row['source']}\n    -> {row['target']}")
+    return "\n".join(lines)
