@@ -2,14 +2,15 @@
 
 Nothing here is materialized: the training stage streams ``example_dataset(...)`` and every epoch
 re-draws targets, templates, negatives and augmentation. Draws are seeded by (seed, epoch, split,
-batch), so the same seed and epoch reproduce the same examples, and a new epoch draws new ones.
+user or interaction), so the same seed and epoch reproduce the same examples whatever the batching,
+and a new epoch draws new ones.
 
 Augmentation operators (probabilities in ``AugmentConfig``), applied to training examples only:
 
 - ``crop``: keep a random contiguous window (at least half) of the history
 - ``mask``: replace a share of history items by ``<mask>``
 - ``reorder``: shuffle a short random window of the history
-- ``substitute``: replace one history item by a random catalog item (noise)
+- ``substitute``: replace one history item by a random item the user never interacted with (noise)
 - ``rating_noise``: add Gaussian noise to rating targets (rounded to 0.1, clipped to the scale)
 - ``merge_sources``: users of secondary sources join an epoch with this probability (expansion by
   merging sources; the first source is the primary one and is always in)
@@ -20,6 +21,7 @@ the user never interacted with in any split.
 """
 from __future__ import annotations
 
+import hashlib
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -52,10 +54,28 @@ def _context(data_dir: str, templates_dir: str):
 
 
 def _rng(seed: int, epoch: int, split: str, key: str) -> np.random.Generator:
+    """One generator per user: draws do not depend on how Ray Data cut the batches."""
     return np.random.default_rng([seed, epoch, SPLIT_CODE[split], zlib.crc32(key.encode())])
 
 
-def _augment_history(hist: list, rng: np.random.Generator, aug: AugmentConfig, ids: np.ndarray) -> list:
+def _row_uniforms(keys: np.ndarray, seed: int, epoch: int, split: str, n: int) -> np.ndarray:
+    """``n`` uniform draws per row, a pure function of (seed, epoch, split, row key): vectorised,
+    and independent of batch boundaries (splitmix64 over a seeded hash of the key)."""
+    hk = hashlib.sha256(f"{seed}/{epoch}/{split}".encode()).hexdigest()[:16]
+    h = pd.util.hash_array(keys, hash_key=hk).astype(np.uint64)
+    out = np.empty((len(h), n))
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            z = h + np.uint64(0x9E3779B97F4A7C15) * np.uint64(j + 1)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+            out[:, j] = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return out
+
+
+def _augment_history(hist: list, rng: np.random.Generator, aug: AugmentConfig, ids: np.ndarray,
+                     seen: set) -> list:
     hist = list(hist)
     n = len(hist)
     if n >= 2 and rng.random() < aug.crop:
@@ -69,7 +89,9 @@ def _augment_history(hist: list, rng: np.random.Generator, aug: AugmentConfig, i
         rng.shuffle(window)
         hist[s:s + w] = window
     if hist and rng.random() < aug.substitute:
-        hist[int(rng.integers(0, len(hist)))] = ids[int(rng.integers(0, len(ids)))]
+        # the noise item is one the user never interacted with, so it cannot be a held-out item
+        for j in _negatives(rng, len(ids), seen, 1):
+            hist[int(rng.integers(0, len(hist)))] = ids[j]
     if len(hist) >= 2 and rng.random() < aug.mask:
         for j in np.flatnonzero(rng.random(len(hist)) < aug.mask_rate):
             hist[j] = MASK
@@ -95,11 +117,12 @@ def _negatives(rng: np.random.Generator, n_items: int, seen: set, k: int) -> lis
     return out
 
 
-def _emit(rows: list, fam: str, temps: list, ex: dict, rng, held_out: bool | None, meta: dict) -> None:
+def _emit(rows: list, fam: str, temps: list, ex: dict, u: float, held_out: bool | None, meta: dict) -> None:
+    """Render ``ex`` with the usable template picked by the uniform draw ``u``."""
     cands = usable(temps, ex, held_out)
     if not cands:
         return
-    t = cands[int(rng.integers(0, len(cands)))]
+    t = cands[min(int(u * len(cands)), len(cands) - 1)]
     src, tgt = t.render(ex)
     rows.append({"family": fam, "template": t.id, "source": src, "target": tgt, **meta})
 
@@ -114,13 +137,13 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
     rows: list = []
     if len(batch) == 0:
         return pd.DataFrame(columns=EXAMPLE_COLUMNS)
-    rng = _rng(seed, epoch, split, str(batch["user"].iloc[0]))
     H = prompts.max_history
     for user, source, items, index, n_train in zip(batch["user"], batch["source"], batch["items"],
                                                    batch["index"], batch["n_train"]):
         n_train, total = int(n_train), len(items)
         seen = set(int(i) for i in index)
         meta = {"user": user, "split": split, "epoch": epoch}
+        rng = _rng(seed, epoch, split, user)
         seq = [ids[int(i)] for i in index]
         if split == "train":
             if source != primary and rng.random() >= aug.merge_sources:
@@ -130,16 +153,17 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
             if "sequential" in families:
                 for _ in range(prompts.sequential_per_user):
                     t = int(rng.integers(1, n_train))
-                    hist = _augment_history(seq[max(0, t - H):t], rng, aug, ids)
+                    hist = _augment_history(seq[max(0, t - H):t], rng, aug, ids, seen)
                     ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
-                    _emit(rows, "sequential", temps["sequential"], ex, rng, held_out, {**meta, "item": items[t]})
+                    _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
             if "direct" in families:
                 for d in range(prompts.direct_per_user):
                     t = int(rng.integers(1, n_train))
                     hist = seq[max(0, t - 5):t]
                     if d % 2 == 0:  # yes / no about one item
-                        pos = rng.random() < 0.5
-                        it = seq[t] if pos else ids[_negatives(rng, n_items, seen, 1)[0]]
+                        neg = _negatives(rng, n_items, seen, 1)
+                        pos = rng.random() < 0.5 or not neg
+                        it = seq[t] if pos else ids[neg[0]]
                         ex = {"user": user, "history": _join_history(hist, rng), "item": it,
                               "answer": "yes" if pos else "no"}
                         fam_temps = [x for x in temps["direct"] if "answer" in x.fields]
@@ -149,7 +173,7 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                         ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t],
                               "candidates": ", ".join(cand)}
                         fam_temps = [x for x in temps["direct"] if "candidates" in x.fields]
-                    _emit(rows, "direct", fam_temps, ex, rng, held_out, {**meta, "item": items[t]})
+                    _emit(rows, "direct", fam_temps, ex, rng.random(), held_out, {**meta, "item": items[t]})
             continue
         # evaluation splits: the held-out item of this split as target, everything before as history
         t = n_train + SPLIT_CODE[split] - 1
@@ -158,7 +182,7 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
         hist = seq[max(0, t - H):t]
         if "sequential" in families:
             ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
-            _emit(rows, "sequential", temps["sequential"], ex, rng, held_out, {**meta, "item": items[t]})
+            _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
         if "direct" in families:
             urng = _rng(seed, 0, split, user)  # fixed negatives per user: the 1-of-100 protocol
             cand = [seq[t]] + [ids[j] for j in _negatives(urng, n_items, seen, EVAL_CANDIDATES - 1)]
@@ -166,7 +190,7 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
             ex = {"user": user, "history": _join_history(hist[-5:], rng), "item": seq[t],
                   "candidates": ", ".join(cand)}
             fam_temps = [x for x in temps["direct"] if "candidates" in x.fields]
-            _emit(rows, "direct", fam_temps, ex, rng, held_out, {**meta, "item": items[t]})
+            _emit(rows, "direct", fam_temps, ex, rng.random(), held_out, {**meta, "item": items[t]})
     return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
 
 
@@ -181,31 +205,34 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
     batch = batch[batch["split"] == split]
     if len(batch) == 0:
         return pd.DataFrame(columns=EXAMPLE_COLUMNS)
-    rng = _rng(seed, epoch, split, str(batch["user"].iloc[0]) + str(batch["item"].iloc[0]))
     pos = ctx["index"].get_indexer(batch["item"])
+    # draws per row: 0 source merge, 1 rating-noise gate, 2-3 noise (Box-Muller), 4 rating gate,
+    # 5-7 template choices of rating / explanation / review
+    u = _row_uniforms((batch["user"] + "|" + batch["item"]).to_numpy(dtype=object), seed, epoch, split, 8)
+    noise = np.sqrt(-2 * np.log(np.maximum(u[:, 2], 1e-300))) * np.cos(2 * np.pi * u[:, 3])
     rows: list = []
     cut = prompts.max_text_chars
-    for (user, item, rating, text, summary, source), p in zip(
-            batch[["user", "item", "rating", "text", "summary", "source"]].itertuples(index=False, name=None), pos):
+    for k, ((user, item, rating, text, summary, source), p) in enumerate(zip(
+            batch[["user", "item", "rating", "text", "summary", "source"]].itertuples(index=False, name=None), pos)):
         if p < 0:
             continue
-        if split == "train" and source != primary and rng.random() >= aug.merge_sources:
+        if split == "train" and source != primary and u[k, 0] >= aug.merge_sources:
             continue
         meta = {"user": user, "item": item, "split": split, "epoch": epoch}
         has_rating = rating is not None and not pd.isna(rating)
         r = float(rating) if has_rating else None
-        if has_rating and split == "train" and rng.random() < aug.rating_noise:
-            r = float(np.clip(round(r + rng.normal(0, aug.rating_noise_sd), 1), lo, hi))
+        if has_rating and split == "train" and u[k, 1] < aug.rating_noise:
+            r = float(np.clip(round(r + noise[k] * aug.rating_noise_sd, 1), lo, hi))
         base = {"user": user, "item": ctx["ids"][p], "item_desc": ctx["desc"][p],
                 "rating": format_rating(r) if has_rating else None}
-        if "rating" in families and has_rating and (split != "train" or rng.random() < prompts.rating_per_row):
-            _emit(rows, "rating", temps["rating"], base, rng, held_out, meta)
+        if "rating" in families and has_rating and (split != "train" or u[k, 4] < prompts.rating_per_row):
+            _emit(rows, "rating", temps["rating"], base, u[k, 5], held_out, meta)
         has_text = isinstance(text, str) and text
         if "explanation" in families and has_text:
-            _emit(rows, "explanation", temps["explanation"], {**base, "text": text[:cut]}, rng, held_out, meta)
+            _emit(rows, "explanation", temps["explanation"], {**base, "text": text[:cut]}, u[k, 6], held_out, meta)
         if "review" in families and has_text and source in review_sources:
             ex = {**base, "text": text[:cut], "summary": summary if isinstance(summary, str) else None}
-            _emit(rows, "review", temps["review"], ex, rng, held_out, meta)
+            _emit(rows, "review", temps["review"], ex, u[k, 7], held_out, meta)
     return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
 
 

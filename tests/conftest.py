@@ -1,0 +1,64 @@
+"""Test fixtures: one local Ray per test session, small data, short paths.
+
+Environment knobs are set before Ray starts so that its workers inherit them."""
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(0, str(ROOT))
+for k, v in {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_metrics_report_interval_ms": "1000",
+    "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY": "hash_shuffle",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(k, v)
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (tests that need Ray take this fixture)."""
+    import ray
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    temp = Path("/tmp") / f"rft{os.getpid()}"  # short: Ray puts unix sockets under it
+    ray.init(address="local", num_cpus=4, object_store_memory=768 * 1024**2, _metrics_export_port=port,
+             _temp_dir=str(temp), log_to_driver=False, include_dashboard=True,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    from recflm.runtime import ensure_ray
+
+    ensure_ray()  # quiets Ray Data logging the way the CLI does
+    yield {"metrics_port": port}
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def bundled_dataset(ray_session, tmp_path_factory):
+    """The bundled MovieLens data prepared with the default config (built once per session)."""
+    from recflm.config import PrepareConfig
+    from recflm.prepare import run
+
+    out = tmp_path_factory.mktemp("ml") / "data"
+    cfg = PrepareConfig(out=str(out))
+    stats = run(cfg, log=lambda *a: None)
+    return out, cfg, stats
