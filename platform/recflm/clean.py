@@ -28,6 +28,8 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 REASONS = (
     "malformed_row", "missing_user", "missing_item", "missing_rating", "bad_rating", "rating_out_of_range",
@@ -47,10 +49,10 @@ def normalise_text(s: pd.Series) -> pd.Series:
     mask = s.notna()
     if not mask.any():
         return s
-    t = s[mask]
+    t = s[mask].str.replace(_TAG_RE, " ", regex=True)  # tags first, so an escaped "&lt;b&gt;" survives
     if t.str.contains("&", regex=False).any():
         t = t.map(html.unescape)
-    t = t.str.replace(_TAG_RE, " ", regex=True).str.replace(_WS_RE, " ", regex=True).str.strip()
+    t = t.str.replace(_WS_RE, " ", regex=True).str.strip()
     out = s.copy()
     out[mask] = t
     return out.where(out.str.len() > 0, None)
@@ -64,6 +66,14 @@ def _parse_ts(raw: pd.Series, unit: str) -> pd.Series:
         dt = pd.to_datetime(raw[todo].astype("str"), errors="coerce", utc=True, format="mixed")
         secs[todo] = (dt - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
     return secs
+
+
+def _str_where(col: pd.Series, mask: pd.Series) -> pd.Series:
+    """The raw value as text where ``mask`` (rejected rows keep what the file said), else null."""
+    out = pd.Series(None, index=col.index, dtype="str")
+    if mask.any():
+        out[mask] = col[mask].astype("str")
+    return out
 
 
 class RowCleaner:
@@ -101,7 +111,9 @@ class RowCleaner:
             raw = df["rating"].where(sel)
             r = pd.to_numeric(raw, errors="coerce")
             inter = sel & (kind == "interaction")
-            missing = raw.isna() | (raw.astype("str").str.strip().str.len() == 0)
+            missing = raw.isna()
+            if not pd.api.types.is_numeric_dtype(raw.dtype):
+                missing |= raw.astype("str").str.strip().str.len() == 0
             mark(inter & missing, "missing_rating")
             mark(inter & r.isna() & ~missing, "bad_rating")
             mark(inter & ((r < lo) | (r > hi)), "rating_out_of_range")
@@ -122,8 +134,8 @@ class RowCleaner:
             "text": normalise_text(df["text"]).where(ok, df["text"]),
             "summary": normalise_text(df["summary"]).where(ok, df["summary"]),
             "reason": reason,
-            "rating_raw": df["rating"].astype("str").where(bad_rows, None),
-            "ts_raw": df["ts"].astype("str").where(bad_rows, None),
+            "rating_raw": _str_where(df["rating"], bad_rows),
+            "ts_raw": _str_where(df["ts"], bad_rows),
         })
         return out.reset_index(drop=True)
 
@@ -165,55 +177,80 @@ def dedup_block(df: pd.DataFrame) -> pd.DataFrame:
             fill = target["text"].isna() & add.notna() & (add.astype("str").str.len() > 0)
             df.loc[fill[fill].index, "text"] = add[fill]
     df["reason"] = reason
+    df["item_hash"] = key_hash(df["item"].to_numpy(dtype=object))
     return df
 
 
-def _active(df: pd.DataFrame, removed_items, k: int) -> tuple[pd.Series, pd.Series]:
-    """Interactions still in play given the removed items, and the rows of users below k."""
-    inter = df["reason"].isna() & (df["kind"] == "interaction")
-    if removed_items is not None and len(removed_items):
-        inter &= ~df["item"].isin(removed_items)
-    deg = df.loc[inter].groupby("user", sort=False).size()
-    weak_users = deg.index[deg < k]
-    weak = inter & df["user"].isin(weak_users)
-    return inter & ~weak, weak
+def key_hash(values: np.ndarray) -> np.ndarray:
+    """64-bit hashes of string keys (items are tracked by hash in the k-core passes; a collision
+    between two of even 10^8 items has a chance of about 3e-4)."""
+    return pd.util.hash_array(values, categorize=False).astype(np.uint64)
 
 
-def kcore_item_counts(df: pd.DataFrame, removed_items, k: int) -> pd.DataFrame:
-    """Per block: degree of each item after removing ``removed_items`` and users left below k."""
-    alive, _ = _active(df, removed_items, k)
-    counts = df.loc[alive, "item"].value_counts(sort=False)
-    return pd.DataFrame({"item": counts.index.astype("str"), "n": counts.to_numpy(dtype="int64")})
+def _kept_mask(t: pa.Table) -> np.ndarray:
+    ok = pc.and_(pc.is_null(t["reason"]), pc.equal(t["kind"], "interaction"))
+    return ok.to_numpy(zero_copy_only=False)
 
 
-def finalize_block(df: pd.DataFrame, removed_items, k: int) -> pd.DataFrame:
+def _user_codes(t: pa.Table) -> np.ndarray:
+    users = pc.fill_null(t["user"], "")  # rejected rows may have no user
+    return pc.dictionary_encode(users).combine_chunks().indices.to_numpy(zero_copy_only=False)
+
+
+def _alive(t: pa.Table, removed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Interactions still in play given the removed item hashes (sorted) and k; and all of them."""
+    inter = _kept_mask(t)
+    alive = inter.copy()
+    if len(removed):
+        alive &= ~np.isin(t["item_hash"].to_numpy(), removed, assume_unique=False)
+    codes = _user_codes(t)
+    deg = np.bincount(codes[alive], minlength=int(codes.max()) + 1 if len(codes) else 0)
+    alive &= deg[codes] >= k
+    return alive, inter
+
+
+def kcore_item_counts(t: pa.Table, removed: np.ndarray, k: int) -> pa.Table:
+    """Per block: degree of each item (by hash) after removing ``removed`` and users left below k."""
+    alive, _ = _alive(t, removed, k)
+    h, n = np.unique(t["item_hash"].to_numpy()[alive], return_counts=True)
+    return pa.table({"item_hash": pa.array(h, pa.uint64()), "n": pa.array(n, pa.int64())})
+
+
+def finalize_block(t: pa.Table, removed: np.ndarray, k: int) -> pa.Table:
     """Per user-partition: k-core reasons, time order, positions and the leave-one-out split.
 
     Users with 3 or more interactions: last = test, second-to-last = valid, the rest train.
     Users with fewer (only possible with k < 3) keep all of theirs in train."""
-    df = df.reset_index(drop=True)
+    reason = t["reason"].combine_chunks()
     if k > 1:
-        alive, _ = _active(df, removed_items, k)
-        inter = df["reason"].isna() & (df["kind"] == "interaction")
-        df.loc[inter & ~alive, "reason"] = "kcore"
-        tags = df["reason"].isna() & (df["kind"] == "tag")
+        alive, inter = _alive(t, removed, k)
+        reason = pc.if_else(pa.array(inter & ~alive), "kcore", reason)
+        tags = (pc.and_(pc.is_null(reason), pc.equal(t["kind"], "tag"))).to_numpy(zero_copy_only=False)
         if tags.any():
-            kept = pd.MultiIndex.from_frame(df.loc[alive, ["user", "item"]])
-            lost = ~pd.MultiIndex.from_frame(df.loc[tags, ["user", "item"]]).isin(kept)
-            df.loc[df.index[tags][lost], "reason"] = "kcore"
-    keep = df["reason"].isna() & (df["kind"] == "interaction")
-    kept = df[keep].sort_values(["user", "ts", "item"], kind="stable")
-    pos = kept.groupby("user", sort=False).cumcount()
-    n = kept.groupby("user", sort=False)["item"].transform("size")
+            users = pc.fill_null(t["user"], "").to_numpy(zero_copy_only=False)
+            pair = key_hash(users) * np.uint64(31) + t["item_hash"].to_numpy()
+            lost = tags & ~np.isin(pair, pair[alive])
+            reason = pc.if_else(pa.array(lost), "kcore", reason)
+    t = t.set_column(t.schema.get_field_index("reason"), "reason", reason)
+    keep = _kept_mask(t)
+    kept = t.filter(pa.array(keep))
+    kept = kept.take(pc.sort_indices(kept, [("user", "ascending"), ("ts", "ascending"), ("item", "ascending")]))
+    codes = _user_codes(kept)
+    n_rows = len(codes)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if n_rows else np.array([], dtype=np.int64)
+    sizes = np.diff(np.r_[starts, n_rows])
+    pos = np.arange(n_rows) - np.repeat(starts, sizes)
+    n = np.repeat(sizes, sizes)
     split = np.where((n >= 3) & (pos == n - 1), "test", np.where((n >= 3) & (pos == n - 2), "valid", "train"))
-    kept = kept.assign(pos=pos.astype("int32"), split=split)
-    rest = df[~keep].assign(pos=np.int32(-1), split=None)
-    return pd.concat([kept, rest], ignore_index=True)
+    kept = kept.append_column("pos", pa.array(pos, pa.int32())).append_column("split", pa.array(split, pa.string()))
+    rest = t.filter(pa.array(~keep))
+    rest = rest.append_column("pos", pa.array(np.full(len(rest), -1), pa.int32())) \
+        .append_column("split", pa.nulls(len(rest), pa.string()))
+    return pa.concat_tables([kept, rest])
 
 
-def account_block(df: pd.DataFrame) -> pd.DataFrame:
+def account_block(t: pa.Table) -> pa.Table:
     """Per block: row counts by input file, kind and outcome, for stats.json."""
-    outcome = df["reason"].fillna("kept")
-    g = pd.DataFrame({"file": df["file"], "kind": df["kind"], "outcome": outcome})
-    c = g.value_counts().reset_index(name="n")
-    return c.astype({"file": "str", "kind": "str", "outcome": "str", "n": "int64"})
+    g = pa.table({"file": t["file"], "kind": t["kind"], "outcome": pc.fill_null(t["reason"], "kept")})
+    return g.group_by(["file", "kind", "outcome"]).aggregate([([], "count_all")]) \
+        .rename_columns(["file", "kind", "outcome", "n"])

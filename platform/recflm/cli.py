@@ -68,7 +68,7 @@ def cmd_prepare(args) -> int:
         cfg.k_core = args.k_core
     if args.indexing:
         cfg.indexing = args.indexing
-    if len(args.columns) not in (0, len(args.table)):
+    if len(args.columns) != len(args.table):
         raise ConfigError("give one --columns map per --table")
     extra = [SourceConfig(type="movielens", path=d) for d in args.movielens]
     extra += [SourceConfig(type="amazon", path=p) for p in args.amazon]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import __version__
 from .clean import REASONS, RowCleaner, account_block, dedup_block, finalize_block, kcore_item_counts
@@ -86,33 +87,39 @@ def _num_partitions(cfg: PrepareConfig, plans: list[SourcePlan]) -> int:
 
 
 # ----------------------------------------------------------------------------- per-block helpers
-def _user_hash(users: pd.Series, seed: int) -> np.ndarray:
+def _user_hash(users: np.ndarray, seed: int) -> np.ndarray:
     key = hashlib.sha256(str(seed).encode()).hexdigest()[:16]
-    return pd.util.hash_array(users.to_numpy(dtype=object), hash_key=key).astype(np.uint64)
+    return pd.util.hash_array(np.asarray(users, dtype=object), hash_key=key, categorize=False).astype(np.uint64)
 
 
-def item_stats_block(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+def _kept(t: pa.Table) -> pa.Table:
+    return t.filter(pc.and_(pc.is_null(t["reason"]), pc.equal(t["kind"], "interaction")))
+
+
+def item_stats_block(t: pa.Table, seed: int) -> pd.DataFrame:
     """Per block: per item, training count, total count and first appearance keys.
 
     A key orders (user in seeded hash order, position in the user's sequence)."""
-    kept = df[df["reason"].isna() & (df["kind"] == "interaction")]
-    key = (_user_hash(kept["user"], seed) >> np.uint64(24)).astype(np.int64) * (1 << 20) + \
-        np.minimum(kept["pos"].to_numpy(np.int64), (1 << 20) - 1)
-    t = pd.DataFrame({"item": kept["item"].to_numpy(), "source": kept["source"].to_numpy(), "key": key,
-                      "train": (kept["split"] == "train").to_numpy()})
-    g_all = t.groupby("item", sort=False).agg(source=("source", "first"), n_total=("key", "size"))
-    tr = t[t["train"]].groupby("item", sort=False)["key"].agg(["min", "size"])
-    ot = t[~t["train"]].groupby("item", sort=False)["key"].min()
-    g_all["n_train"] = tr["size"].reindex(g_all.index).fillna(0).astype("int64")
-    g_all["train_key"] = tr["min"].reindex(g_all.index).astype("float64")
-    g_all["other_key"] = ot.reindex(g_all.index).astype("float64")
+    kept = _kept(t)
+    users = kept["user"].to_numpy(zero_copy_only=False)
+    key = (_user_hash(users, seed) >> np.uint64(24)).astype(np.int64) * (1 << 20) + \
+        np.minimum(kept["pos"].to_numpy().astype(np.int64), (1 << 20) - 1)
+    train = pc.equal(kept["split"], "train")
+    tb = pa.table({"item": kept["item"], "source": kept["source"], "key": pa.array(key), "train": train})
+    g_all = tb.group_by("item").aggregate([("source", "min"), ([], "count_all")]).to_pandas() \
+        .rename(columns={"source_min": "source", "count_all": "n_total"}).set_index("item")
+    tr = tb.filter(train).group_by("item").aggregate([("key", "min"), ([], "count_all")]).to_pandas().set_index("item")
+    ot = tb.filter(pc.invert(train)).group_by("item").aggregate([("key", "min")]).to_pandas().set_index("item")
+    g_all["n_train"] = tr["count_all"].reindex(g_all.index).fillna(0).astype("int64")
+    g_all["train_key"] = tr["key_min"].reindex(g_all.index).astype("float64")
+    g_all["other_key"] = ot["key_min"].reindex(g_all.index).astype("float64")
     return g_all.reset_index()
 
 
-def cooc_block(df: pd.DataFrame, item_index: dict) -> pd.DataFrame:
+def cooc_block(t: pa.Table, item_index: dict) -> pd.DataFrame:
     """Per block: co-occurrence counts of training items within COOC_WINDOW of each other."""
-    kept = df[df["reason"].isna() & (df["kind"] == "interaction") & (df["split"] == "train")]
-    kept = kept.sort_values(["user", "pos"])
+    kept = _kept(t)
+    kept = kept.filter(pc.equal(kept["split"], "train")).to_pandas().sort_values(["user", "pos"])
     idx = kept["item"].map(item_index).to_numpy(np.int64)
     users = kept["user"].to_numpy()
     rows, cols = [], []
@@ -132,9 +139,11 @@ SEQUENCE_SCHEMA = pa.schema([
 ])
 
 
-def sequences_block(df: pd.DataFrame, catalog_index: pd.Index, id_texts: np.ndarray) -> pa.Table:
+def sequences_block(t: pa.Table, catalog_index: pd.Index, id_texts: np.ndarray) -> pa.Table:
     """Per block: one row per user with the time-ordered items, their IDs, ratings and times."""
-    kept = df[df["reason"].isna() & (df["kind"] == "interaction")].sort_values(["user", "pos"])
+    kept = _kept(t)
+    kept = kept.take(pc.sort_indices(kept, [("user", "ascending"), ("pos", "ascending")]))
+    kept = kept.select(["user", "source", "item", "rating", "ts", "split"]).to_pandas()
     if kept.empty:
         return SEQUENCE_SCHEMA.empty_table()
     pos = catalog_index.get_indexer(kept["item"])
@@ -163,16 +172,16 @@ def users_block(df: pd.DataFrame) -> pd.DataFrame:
                          "n_total": df["items"].map(len).astype("int32"), "n_train": df["n_train"]})
 
 
-def interactions_view(df: pd.DataFrame) -> pd.DataFrame:
-    kept = df[df["reason"].isna() & (df["kind"] == "interaction")]
-    return kept[INTERACTION_COLUMNS].reset_index(drop=True)
+def interactions_view(t: pa.Table) -> pa.Table:
+    return _kept(t).select(INTERACTION_COLUMNS)
 
 
-def rejects_view(df: pd.DataFrame) -> pd.DataFrame:
-    bad = df[df["reason"].notna()].copy()
-    bad["rating"] = bad["rating_raw"].where(bad["rating_raw"].notna(), bad["rating"].astype("str"))
-    bad["ts"] = bad["ts_raw"].where(bad["ts_raw"].notna(), bad["ts"].astype("str"))
-    return bad[REJECT_COLUMNS].astype("str").reset_index(drop=True)
+def rejects_view(t: pa.Table) -> pa.Table:
+    bad = t.filter(pc.is_valid(t["reason"]))
+    rating = pc.coalesce(bad["rating_raw"], pc.cast(bad["rating"], pa.string()))
+    ts = pc.coalesce(bad["ts_raw"], pc.cast(bad["ts"], pa.string()))
+    cols = {c: (rating if c == "rating" else ts if c == "ts" else pc.cast(bad[c], pa.string())) for c in REJECT_COLUMNS}
+    return pa.table(cols)
 
 
 # ----------------------------------------------------------------------------- main
@@ -196,35 +205,36 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     out.mkdir(parents=True)
 
     spec = {p.name: {"scale": p.scale, "ts_unit": p.cfg.ts_unit, "has_rating": p.has_rating} for p in plans}
-    raw = read_source(plans[0])
-    for p in plans[1:]:
-        raw = raw.union(read_source(p))
     nparts = _num_partitions(cfg, plans)
     log(f"prepare: {len(plans)} source(s), {nparts} user partitions")
-    cleaned = raw.map_batches(RowCleaner(spec, cfg.rating_min, cfg.rating_max, cfg.min_ts, cfg.max_ts),
-                              batch_format="pandas", batch_size=100_000)
+    cleaner = RowCleaner(spec, cfg.rating_min, cfg.rating_max, cfg.min_ts, cfg.max_ts)
+    # each source is cleaned on its own (its raw column types may differ), then they are merged
+    parts = [read_source(p).map_batches(cleaner, batch_format="pandas", batch_size=100_000) for p in plans]
+    cleaned = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     deduped = (cleaned.repartition(nparts, keys=["user"])
                .map_batches(dedup_block, batch_format="pandas", batch_size=None)
                .materialize())
 
-    removed = np.array([], dtype=object)
+    log("prepare: read, cleaned, de-duplicated")
+    removed = np.array([], dtype=np.uint64)  # item hashes, sorted
     passes = 0
     if k > 1:
         while True:
             passes += 1
-            counts = deduped.map_batches(kcore_item_counts, fn_kwargs={"removed_items": removed, "k": k},
-                                         batch_format="pandas", batch_size=None).to_pandas()
-            totals = counts.groupby("item")["n"].sum()
-            weak = totals.index[totals < k].to_numpy(dtype=object)
+            counts = deduped.map_batches(kcore_item_counts, fn_kwargs={"removed": removed, "k": k},
+                                         batch_format="pyarrow", batch_size=None).to_pandas()
+            totals = counts.groupby("item_hash")["n"].sum()
+            weak = totals.index[totals < k].to_numpy(dtype=np.uint64)
             if len(weak) == 0:
                 break
-            removed = np.concatenate([removed, weak])
+            removed = np.sort(np.concatenate([removed, weak]))
     log(f"prepare: k-core (k={k}) converged after {passes} pass(es), {len(removed)} items removed by degree")
-    final = deduped.map_batches(finalize_block, fn_kwargs={"removed_items": removed, "k": k},
-                                batch_format="pandas", batch_size=None).materialize()
+    final = deduped.map_batches(finalize_block, fn_kwargs={"removed": removed, "k": k},
+                                batch_format="pyarrow", batch_size=None).materialize()
 
+    log("prepare: finalized")
     # catalog: first appearances -> IDs, plus metadata
-    per_block = final.map_batches(item_stats_block, fn_kwargs={"seed": cfg.seed}, batch_format="pandas",
+    per_block = final.map_batches(item_stats_block, batch_format="pyarrow", fn_kwargs={"seed": cfg.seed},
                                   batch_size=None).to_pandas()
     if per_block.empty:
         raise PrepareError("no interaction survived cleaning and k-core filtering; see rejects.parquet reasons "
@@ -238,7 +248,7 @@ def run(cfg: PrepareConfig, log=print) -> dict:
 
         order = istats.sort_values("item", kind="stable")["item"].tolist()
         item_index = {it: i for i, it in enumerate(order)}
-        pairs = final.map_batches(cooc_block, fn_kwargs={"item_index": item_index}, batch_format="pandas",
+        pairs = final.map_batches(cooc_block, batch_format="pyarrow", fn_kwargs={"item_index": item_index},
                                   batch_size=None).to_pandas()
         cooc = sp.coo_matrix((pairs["n"].to_numpy(np.float64), (pairs["i"], pairs["j"])),
                              shape=(len(order), len(order))).tocsr()
@@ -248,18 +258,20 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     catalog = catalog[["item", "index", "id_text", "source", "title", "genres", "n_train", "n_total"]]
     catalog.to_parquet(out / ITEMS, index=False)
 
+    log("prepare: catalog built")
     # the row outputs
-    final.map_batches(interactions_view, batch_format="pandas", batch_size=None) \
+    final.map_batches(interactions_view, batch_format="pyarrow", batch_size=None) \
         .write_parquet(str(out / INTERACTIONS))
-    rejects = final.map_batches(rejects_view, batch_format="pandas", batch_size=None)
+    rejects = final.map_batches(rejects_view, batch_format="pyarrow", batch_size=None)
     rejects.write_parquet(str(out / REJECTS))
-    seqs = final.map_batches(sequences_block, fn_kwargs={
+    seqs = final.map_batches(sequences_block, batch_format="pyarrow", fn_kwargs={
         "catalog_index": pd.Index(catalog["item"]), "id_texts": catalog["id_text"].to_numpy(dtype=object)},
-        batch_format="pandas", batch_size=None).materialize()
+        batch_size=None).materialize()
     seqs.write_parquet(str(out / SEQUENCES))
     seqs.map_batches(users_block, batch_format="pandas").write_parquet(str(out / USERS))
 
-    acct = final.map_batches(account_block, batch_format="pandas", batch_size=None).to_pandas()
+    log("prepare: outputs written")
+    acct = final.map_batches(account_block, batch_format="pyarrow", batch_size=None).to_pandas()
     stats = _stats(acct, seqs, catalog, plans, k, passes, time.perf_counter() - t0)
     (out / STATS).write_text(json.dumps(stats, indent=2))
     manifest = {

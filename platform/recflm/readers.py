@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -185,25 +186,37 @@ def _first_json_line(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- reading
-def _frame(source: str, file: str, kind, user, item, rating, ts, text=None, summary=None) -> pd.DataFrame:
+def _frame(source: str, file, kind, user, item, rating, ts, text=None, summary=None) -> pd.DataFrame:
+    """Raw rows: IDs and text as strings; rating and ts as found (strings from CSV / JSON,
+    numbers from Parquet), to be parsed and checked by cleaning."""
     n = len(user)
     return pd.DataFrame({
         "source": pd.Series([source] * n, dtype="str"),
-        "file": pd.Series([file] * n, dtype="str"),
+        "file": file.reset_index(drop=True).astype("str") if isinstance(file, pd.Series)
+        else pd.Series([file] * n, dtype="str"),
         "kind": kind if isinstance(kind, pd.Series) else pd.Series([kind] * n, dtype="str"),
-        "user": _as_str(user, n), "item": _as_str(item, n), "rating": _as_str(rating, n),
-        "ts": _as_str(ts, n), "text": _as_str(text, n), "summary": _as_str(summary, n),
+        "user": _as_str(user, n), "item": _as_str(item, n), "rating": _as_is(rating, n),
+        "ts": _as_is(ts, n), "text": _as_str(text, n), "summary": _as_str(summary, n),
     })
 
 
-def _as_str(col, n: int) -> pd.Series:
+def _as_is(col, n: int) -> pd.Series:
     if col is None:
         return pd.Series([None] * n, dtype="str")
     s = pd.Series(col).reset_index(drop=True)
-    if s.dtype == "str" or s.dtype == object:
-        return s.astype("str")
-    out = s.astype("str")
-    return out.where(s.notna(), None)
+    return s.astype("str") if s.dtype == object else s
+
+
+def _as_str(col, n: int) -> pd.Series:
+    """Strings, nulls kept; integral floats (an ID column with nulls read as float) lose the '.0'."""
+    if col is None:
+        return pd.Series([None] * n, dtype="str")
+    s = pd.Series(col).reset_index(drop=True)
+    if pd.api.types.is_float_dtype(s.dtype):
+        v = s.dropna()
+        if (v == np.floor(v)).all():
+            s = s.astype("Int64")
+    return s.astype("str")
 
 
 def _parse_csv_text(lines: list[str], header: list[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -229,35 +242,45 @@ def _parse_csv_text(lines: list[str], header: list[str]) -> tuple[pd.DataFrame, 
 
 
 class _CsvParser:
-    """map_batches UDF: raw CSV lines (from read_text) -> raw rows of one source file."""
+    """map_batches UDF: raw CSV lines (read_text with paths) -> raw rows.
 
-    def __init__(self, source: str, file: str, kind: str, header: list[str], colmap: dict):
-        self.source, self.file, self.kind, self.header, self.colmap = source, file, kind, header, colmap
+    ``files`` maps each path to (kind, header, column map)."""
+
+    def __init__(self, source: str, files: dict):
+        self.source, self.files = source, files
 
     def __call__(self, batch: pa.Table) -> pd.DataFrame:
-        lines = [ln for ln in batch.column("text").to_pylist() if ln]
-        lines = [ln for ln in lines if ln != ",".join(self.header)]
-        df, bad = _parse_csv_text(lines, self.header)
-        c = self.colmap
-        good = _frame(self.source, self.file, self.kind, df[c["user"]], df[c["item"]],
-                      df[c["rating"]] if "rating" in c else None, df[c["ts"]],
-                      df[c["text"]] if "text" in c else None, df[c["summary"]] if "summary" in c else None)
-        if not bad:
-            return good
-        n = len(bad)
-        mal = _frame(self.source, self.file, "malformed", [None] * n, [None] * n, None, None, bad)
-        return pd.concat([good, mal], ignore_index=True)
+        out = []
+        lines_all = batch.column("text").to_pylist()
+        paths = batch.column("path").to_pylist()
+        by_path: dict = {}
+        for line, path in zip(lines_all, paths):
+            by_path.setdefault(path, []).append(line)
+        for path, lines in by_path.items():
+            kind, header, c = self.files[_norm(path)]
+            head = ",".join(header)
+            lines = [ln for ln in lines if ln and ln != head]
+            df, bad = _parse_csv_text(lines, header)
+            file = _norm(path)
+            out.append(_frame(self.source, file, kind, df[c["user"]], df[c["item"]],
+                              df[c["rating"]] if "rating" in c else None, df[c["ts"]],
+                              df[c["text"]] if "text" in c else None,
+                              df[c["summary"]] if "summary" in c else None))
+            if bad:
+                n = len(bad)
+                out.append(_frame(self.source, file, "malformed", [None] * n, [None] * n, None, None, bad))
+        return pd.concat(out, ignore_index=True) if out else _frame(self.source, "", "interaction", [], [], None, None)
 
 
 class _JsonParser:
     """map_batches UDF: raw JSON lines -> raw rows; a line that is not a JSON object is malformed."""
 
-    def __init__(self, source: str, file: str):
-        self.source, self.file = source, file
+    def __init__(self, source: str):
+        self.source = source
 
     def __call__(self, batch: pa.Table) -> pd.DataFrame:
-        recs, bad = [], []
-        for line in batch.column("text").to_pylist():
+        recs, files, bad, bad_files = [], [], [], []
+        for line, path in zip(batch.column("text").to_pylist(), batch.column("path").to_pylist()):
             if not line or not line.strip():
                 continue
             try:
@@ -265,28 +288,35 @@ class _JsonParser:
                 if not isinstance(obj, dict):
                     raise ValueError("not an object")
                 recs.append(obj)
+                files.append(_norm(path))
             except ValueError:
                 bad.append(line)
+                bad_files.append(_norm(path))
         df = pd.DataFrame.from_records(recs) if recs else pd.DataFrame()
         col = lambda k: df[k] if k in df else pd.Series([None] * len(df), dtype=object)  # noqa: E731
-        good = _frame(self.source, self.file, "interaction", col("reviewerID"), col("asin"), col("overall"),
-                      col("unixReviewTime"), col("reviewText"), col("summary"))
+        good = _frame(self.source, pd.Series(files, dtype="str"), "interaction", col("reviewerID"), col("asin"),
+                      col("overall"), col("unixReviewTime"), col("reviewText"), col("summary"))
         if bad:
             n = len(bad)
-            good = pd.concat([good, _frame(self.source, self.file, "malformed", [None] * n, [None] * n,
-                                           None, None, bad)], ignore_index=True)
+            good = pd.concat([good, _frame(self.source, pd.Series(bad_files, dtype="str"), "malformed",
+                                           [None] * n, [None] * n, None, None, bad)], ignore_index=True)
         return good
 
 
 class _ParquetParser:
-    def __init__(self, source: str, file: str, colmap: dict):
-        self.source, self.file, self.colmap = source, file, colmap
+    def __init__(self, source: str, colmap: dict):
+        self.source, self.colmap = source, colmap
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         c = self.colmap
         get = lambda k: df[c[k]] if k in c else None  # noqa: E731
-        return _frame(self.source, self.file, "interaction", get("user"), get("item"), get("rating"),
-                      get("ts"), get("text"), get("summary"))
+        return _frame(self.source, df["path"].map(_norm), "interaction", get("user"), get("item"),
+                      get("rating"), get("ts"), get("text"), get("summary"))
+
+
+def _norm(path: str) -> str:
+    """Ray reports local paths without the leading '/' of the given absolute path on some filesystems."""
+    return path if path.startswith("/") or "://" in path else "/" + path
 
 
 ML_COLUMNS = {
@@ -296,32 +326,26 @@ ML_COLUMNS = {
 
 
 def read_source(plan: SourcePlan):
-    """A lazy Ray Dataset of raw rows for one checked source."""
+    """A lazy Ray Dataset of raw rows for one checked source (one read over all its files)."""
     import ray.data
 
-    parts = []
-    for f in plan.files:
-        name = str(f)
-        if plan.cfg.type == "amazon":
-            ds = ray.data.read_text(name).map_batches(
-                _JsonParser(plan.name, name), batch_format="pyarrow", batch_size=20_000)
-        elif plan.cfg.type == "table" and f.name.endswith(".parquet"):
-            cols = list(dict.fromkeys(plan.cfg.columns[k] for k in plan.cfg.columns if k != "title"))
-            ds = ray.data.read_parquet(name, columns=cols).map_batches(
-                _ParquetParser(plan.name, name, plan.cfg.columns), batch_format="pandas", batch_size=200_000)
-        else:
-            kind = plan.kind_of[f]
-            colmap = ML_COLUMNS[kind] if plan.cfg.type == "movielens" else plan.cfg.columns
-            header = _csv_header(f)
-            # read_text keeps every line, so a malformed record cannot silently vanish; quoted
-            # fields with embedded newlines are not supported by this line-based path.
-            ds = ray.data.read_text(name).map_batches(
-                _CsvParser(plan.name, name, kind, header, colmap), batch_format="pyarrow", batch_size=100_000)
-        parts.append(ds)
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.union(p)
-    return out
+    files = [str(f.resolve()) for f in plan.files]
+    if plan.cfg.type == "amazon":
+        return ray.data.read_text(files, include_paths=True).map_batches(
+            _JsonParser(plan.name), batch_format="pyarrow", batch_size=20_000)
+    if plan.cfg.type == "table" and files[0].endswith(".parquet"):
+        cols = list(dict.fromkeys(v for k, v in plan.cfg.columns.items() if k != "title"))
+        return ray.data.read_parquet(files, columns=cols, include_paths=True).map_batches(
+            _ParquetParser(plan.name, plan.cfg.columns), batch_format="pandas", batch_size=200_000)
+    spec = {}
+    for f, name in zip(plan.files, files):
+        kind = plan.kind_of[f]
+        colmap = ML_COLUMNS[kind] if plan.cfg.type == "movielens" else plan.cfg.columns
+        spec[name] = (kind, _csv_header(f), colmap)
+    # read_text keeps every line, so a malformed record cannot silently vanish; quoted fields
+    # with embedded newlines are not supported by this line-based path.
+    return ray.data.read_text(files, include_paths=True).map_batches(
+        _CsvParser(plan.name, spec), batch_format="pyarrow", batch_size=100_000)
 
 
 def read_item_meta(plan: SourcePlan) -> pd.DataFrame:
