@@ -14,18 +14,16 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
 	# torch is pinned to the CPU build on local disk; install it first so nothing pulls a CUDA build
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/recflm prepare --out runs/demo/data
-	$(VENV)/bin/recflm prepare --out runs/demo/data --preview 1 --skip-existing
+	$(VENV)/bin/recflm prepare --config jobs/configs/prepare_laptop.yaml out=runs/demo/data --preview 1
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench-prepare: $(STAMP)
 	$(PY) -m jobs.bench_prepare

@@ -39,7 +39,7 @@ TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _TAG_RE = re.compile(r"<[^>]{0,200}>")
 _WS_RE = re.compile(r"\s+")
 
-CLEAN_COLUMNS = ["source", "file", "kind", "user", "item", "rating", "ts", "text", "summary",
+CLEAN_COLUMNS = ["source", "file_id", "kind", "user", "item", "rating", "ts", "text", "summary",
                  "reason", "rating_raw", "ts_raw"]
 
 
@@ -79,9 +79,12 @@ def _str_where(col: pd.Series, mask: pd.Series) -> pd.Series:
 class RowCleaner:
     """map_batches UDF: checks and normalises raw rows (see module doc for the reasons)."""
 
-    def __init__(self, sources: dict, rating_min: float, rating_max: float, min_ts: int, max_ts: int):
-        # sources: name -> {"scale": (lo, hi), "ts_unit": "s", "has_rating": bool}
+    def __init__(self, sources: dict, rating_min: float, rating_max: float, min_ts: int, max_ts: int,
+                 files: list | None = None):
+        # sources: name -> {"scale": (lo, hi), "ts_unit": "s", "has_rating": bool}; files: input paths,
+        # replaced by their position (``file_id``) so that the shuffle does not carry path strings
         self.sources, self.rmin, self.rmax, self.min_ts, self.max_ts = sources, rating_min, rating_max, min_ts, max_ts
+        self.files = list(files or [])
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         n = len(df)
@@ -125,7 +128,8 @@ class RowCleaner:
         source = df["source"].astype("str")
         out = pd.DataFrame({
             "source": source,
-            "file": df["file"].astype("str"),
+            "file_id": pd.Categorical(df["file"], categories=self.files).codes.astype("int16")
+            if self.files else np.full(n, -1, dtype="int16"),
             "kind": kind.astype("str"),
             "user": (source + ":" + user).where(ok, user),
             "item": (source + ":" + item).where(ok, item),
@@ -251,6 +255,6 @@ def finalize_block(t: pa.Table, removed: np.ndarray, k: int) -> pa.Table:
 
 def account_block(t: pa.Table) -> pa.Table:
     """Per block: row counts by input file, kind and outcome, for stats.json."""
-    g = pa.table({"file": t["file"], "kind": t["kind"], "outcome": pc.fill_null(t["reason"], "kept")})
-    return g.group_by(["file", "kind", "outcome"]).aggregate([([], "count_all")]) \
-        .rename_columns(["file", "kind", "outcome", "n"])
+    g = pa.table({"file_id": t["file_id"], "kind": t["kind"], "outcome": pc.fill_null(t["reason"], "kept")})
+    return g.group_by(["file_id", "kind", "outcome"]).aggregate([([], "count_all")]) \
+        .rename_columns(["file_id", "kind", "outcome", "n"])

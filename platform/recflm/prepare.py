@@ -172,14 +172,24 @@ def users_block(df: pd.DataFrame) -> pd.DataFrame:
                          "n_total": df["items"].map(len).astype("int32"), "n_train": df["n_train"]})
 
 
+INTERACTION_SCHEMA = pa.schema([
+    ("user", pa.string()), ("item", pa.string()), ("rating", pa.float64()), ("ts", pa.int64()),
+    ("text", pa.string()), ("summary", pa.string()), ("source", pa.string()), ("split", pa.string()),
+    ("pos", pa.int32()),
+])
+
+
 def interactions_view(t: pa.Table) -> pa.Table:
-    return _kept(t).select(INTERACTION_COLUMNS)
+    """Kept interactions with one fixed schema (an all-null column in a block stays a string)."""
+    kept = _kept(t)
+    return pa.table({f.name: pc.cast(kept[f.name], f.type) for f in INTERACTION_SCHEMA}, schema=INTERACTION_SCHEMA)
 
 
-def rejects_view(t: pa.Table) -> pa.Table:
+def rejects_view(t: pa.Table, files: list) -> pa.Table:
     bad = t.filter(pc.is_valid(t["reason"]))
-    rating = pc.coalesce(bad["rating_raw"], pc.cast(bad["rating"], pa.string()))
-    ts = pc.coalesce(bad["ts_raw"], pc.cast(bad["ts"], pa.string()))
+    bad = bad.append_column("file", pc.take(pa.array(files, pa.string()), bad["file_id"]))
+    rating = pc.coalesce(pc.cast(bad["rating_raw"], pa.string()), pc.cast(bad["rating"], pa.string()))
+    ts = pc.coalesce(pc.cast(bad["ts_raw"], pa.string()), pc.cast(bad["ts"], pa.string()))
     cols = {c: (rating if c == "rating" else ts if c == "ts" else pc.cast(bad[c], pa.string())) for c in REJECT_COLUMNS}
     return pa.table(cols)
 
@@ -207,7 +217,8 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     spec = {p.name: {"scale": p.scale, "ts_unit": p.cfg.ts_unit, "has_rating": p.has_rating} for p in plans}
     nparts = _num_partitions(cfg, plans)
     log(f"prepare: {len(plans)} source(s), {nparts} user partitions")
-    cleaner = RowCleaner(spec, cfg.rating_min, cfg.rating_max, cfg.min_ts, cfg.max_ts)
+    files = [str(f.resolve()) for p in plans for f in p.files]
+    cleaner = RowCleaner(spec, cfg.rating_min, cfg.rating_max, cfg.min_ts, cfg.max_ts, files)
     # each source is cleaned on its own (its raw column types may differ), then they are merged
     parts = [read_source(p).map_batches(cleaner, batch_format="pandas", batch_size=100_000) for p in plans]
     cleaned = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -262,7 +273,7 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     # the row outputs
     final.map_batches(interactions_view, batch_format="pyarrow", batch_size=None) \
         .write_parquet(str(out / INTERACTIONS))
-    rejects = final.map_batches(rejects_view, batch_format="pyarrow", batch_size=None)
+    rejects = final.map_batches(rejects_view, batch_format="pyarrow", fn_kwargs={"files": files}, batch_size=None)
     rejects.write_parquet(str(out / REJECTS))
     seqs = final.map_batches(sequences_block, batch_format="pyarrow", fn_kwargs={
         "catalog_index": pd.Index(catalog["item"]), "id_texts": catalog["id_text"].to_numpy(dtype=object)},
@@ -272,6 +283,7 @@ def run(cfg: PrepareConfig, log=print) -> dict:
 
     log("prepare: outputs written")
     acct = final.map_batches(account_block, batch_format="pyarrow", batch_size=None).to_pandas()
+    acct["file"] = [files[i] for i in acct["file_id"]]
     stats = _stats(acct, seqs, catalog, plans, k, passes, time.perf_counter() - t0)
     (out / STATS).write_text(json.dumps(stats, indent=2))
     manifest = {

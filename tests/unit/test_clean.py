@@ -19,7 +19,7 @@ def reasons(df):
 
 
 def clean(rows):
-    return RowCleaner(SPEC, 1.0, 5.0, 0, 4102444800)(raw(rows))
+    return RowCleaner(SPEC, 1.0, 5.0, 0, 4102444800, ["f"])(raw(rows))
 
 
 def test_row_reasons_and_normalisation():
