@@ -150,16 +150,19 @@ def dedup_block(df: pd.DataFrame) -> pd.DataFrame:
     Needs every row of a user in one block (``repartition(keys=["user"])`` gives that)."""
     df = df.reset_index(drop=True)
     reason = df["reason"].copy()
-    ok = reason.isna()
-    key = ["user", "item", "kind", "rating", "ts", "text", "summary"]
-    dup = pd.Series(False, index=df.index)
-    dup[ok] = df.loc[ok, key].duplicated(keep="first")
-    reason = reason.where(~dup, "duplicate")
-
-    inter = reason.isna() & (df["kind"] == "interaction")
-    if inter.any():
-        sub = df.loc[inter, ["user", "item", "ts", "rating", "text"]]
-        order = sub.sort_values(["user", "item", "ts", "rating", "text"], na_position="first", kind="stable")
+    ok = reason.isna().to_numpy()
+    item_hash = key_hash(df["item"].to_numpy(dtype=object))
+    # only rows whose (user, item) pair occurs more than once can be duplicates or repeats:
+    # find them by a pair hash, then apply the exact rules to that (small) subset
+    pair = key_hash(df["user"].to_numpy(dtype=object)) * np.uint64(1_000_003) + item_hash
+    cand = np.zeros(len(df), dtype=bool)
+    cand[ok] = pd.Series(pair[ok]).duplicated(keep=False).to_numpy()
+    if cand.any():
+        sub = df.loc[cand, ["user", "item", "kind", "rating", "ts", "text", "summary"]]
+        dup = sub.duplicated(keep="first")
+        reason.loc[dup[dup].index] = "duplicate"
+        inter = sub[~dup & (sub["kind"] == "interaction")]
+        order = inter.sort_values(["user", "item", "ts", "rating", "text"], na_position="first", kind="stable")
         earlier = order.duplicated(["user", "item"], keep="last")
         reason.loc[earlier[earlier].index] = "repeat_earlier"
 
@@ -181,7 +184,7 @@ def dedup_block(df: pd.DataFrame) -> pd.DataFrame:
             fill = target["text"].isna() & add.notna() & (add.astype("str").str.len() > 0)
             df.loc[fill[fill].index, "text"] = add[fill]
     df["reason"] = reason
-    df["item_hash"] = key_hash(df["item"].to_numpy(dtype=object))
+    df["item_hash"] = item_hash
     return df
 
 

@@ -220,7 +220,7 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     files = [str(f.resolve()) for p in plans for f in p.files]
     cleaner = RowCleaner(spec, cfg.rating_min, cfg.rating_max, cfg.min_ts, cfg.max_ts, files)
     # each source is cleaned on its own (its raw column types may differ), then they are merged
-    parts = [read_source(p).map_batches(cleaner, batch_format="pandas", batch_size=100_000) for p in plans]
+    parts = [read_source(p, post=cleaner) for p in plans]
     cleaned = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     deduped = (cleaned.repartition(nparts, keys=["user"])
                .map_batches(dedup_block, batch_format="pandas", batch_size=None)

@@ -325,18 +325,33 @@ ML_COLUMNS = {
 }
 
 
-def read_source(plan: SourcePlan):
-    """A lazy Ray Dataset of raw rows for one checked source (one read over all its files)."""
+class _Then:
+    """Two UDFs as one (a parser, then ``post``), so the rows are converted between Arrow and
+    pandas once, not once per step."""
+
+    def __init__(self, first, post):
+        self.first, self.post = first, post
+
+    def __call__(self, batch):
+        return self.post(self.first(batch))
+
+
+def read_source(plan: SourcePlan, post=None):
+    """A lazy Ray Dataset of raw rows for one checked source (one read over all its files);
+    ``post`` (e.g. the row cleaner) runs on each parsed batch inside the same task."""
     import ray.data
+
+    def udf(parser):
+        return _Then(parser, post) if post is not None else parser
 
     files = [str(f.resolve()) for f in plan.files]
     if plan.cfg.type == "amazon":
         return ray.data.read_text(files, include_paths=True).map_batches(
-            _JsonParser(plan.name), batch_format="pyarrow", batch_size=20_000)
+            udf(_JsonParser(plan.name)), batch_format="pyarrow", batch_size=20_000)
     if plan.cfg.type == "table" and files[0].endswith(".parquet"):
         cols = list(dict.fromkeys(v for k, v in plan.cfg.columns.items() if k != "title"))
         return ray.data.read_parquet(files, columns=cols, include_paths=True).map_batches(
-            _ParquetParser(plan.name, plan.cfg.columns), batch_format="pandas", batch_size=200_000)
+            udf(_ParquetParser(plan.name, plan.cfg.columns)), batch_format="pandas", batch_size=200_000)
     spec = {}
     for f, name in zip(plan.files, files):
         kind = plan.kind_of[f]
@@ -345,7 +360,7 @@ def read_source(plan: SourcePlan):
     # read_text keeps every line, so a malformed record cannot silently vanish; quoted fields
     # with embedded newlines are not supported by this line-based path.
     return ray.data.read_text(files, include_paths=True).map_batches(
-        _CsvParser(plan.name, spec), batch_format="pyarrow", batch_size=100_000)
+        udf(_CsvParser(plan.name, spec)), batch_format="pyarrow", batch_size=100_000)
 
 
 def read_item_meta(plan: SourcePlan) -> pd.DataFrame:
