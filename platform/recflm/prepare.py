@@ -217,8 +217,9 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     spec = {p.name: {"scale": p.scale, "ts_unit": p.cfg.ts_unit, "has_rating": p.has_rating} for p in plans}
     nparts = _num_partitions(cfg, plans)
     log(f"prepare: {len(plans)} source(s), {nparts} user partitions")
-    files = [str(f.resolve()) for p in plans for f in p.files]
-    cleaner = RowCleaner(spec, cfg.rating_min, cfg.rating_max, cfg.min_ts, cfg.max_ts, files)
+    files = [str(f) for p in plans for f in p.files]  # as the user named them: stats and rejects use these
+    cleaner = RowCleaner(spec, cfg.rating_min, cfg.rating_max, cfg.min_ts, cfg.max_ts,
+                         [str(f.resolve()) for p in plans for f in p.files])  # as the readers report them
     # each source is cleaned on its own (its raw column types may differ), then they are merged
     parts = [read_source(p, post=cleaner) for p in plans]
     cleaned = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
