@@ -15,6 +15,9 @@ Augmentation operators (probabilities in ``AugmentConfig``), applied to training
 - ``merge_sources``: users of secondary sources join an epoch with this probability (expansion by
   merging sources; the first source is the primary one and is always in)
 
+The ``span`` family (asked for by name) is the self-supervised objective on raw sequences: a
+contiguous span of 1-3 training items is replaced by ``<mask>`` and is the target.
+
 Leak-freedom: training examples use only training interactions (histories, targets, rating /
 explanation / review rows of split ``train``); negatives for direct prompts are drawn from items
 the user never interacted with in any split.
@@ -37,6 +40,9 @@ SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 EVAL_CANDIDATES = 100
 EXAMPLE_COLUMNS = ["family", "template", "source", "target", "user", "item", "split", "epoch"]
 MASK = "<mask>"
+# the self-supervised objective on raw sequences: a masked span of items is the target
+SPAN = "span"
+SPAN_SOURCE = "Fill in the masked items in the sequence of user_{user}: {history}"
 
 
 @lru_cache(maxsize=4)
@@ -156,6 +162,14 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                     hist = _augment_history(seq[max(0, t - H):t], rng, aug, ids, seen)
                     ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
                     _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
+            if SPAN in families:
+                hist = seq[max(0, n_train - H):n_train]
+                width = int(rng.integers(1, min(3, len(hist) - 1) + 1))
+                s0 = int(rng.integers(0, len(hist) - width + 1))
+                masked = hist[:s0] + [MASK] + hist[s0 + width:]
+                rows.append({"family": SPAN, "template": SPAN, "target": ", ".join(hist[s0:s0 + width]),
+                             "source": SPAN_SOURCE.format(user=user, history=", ".join(masked)),
+                             **meta, "item": None})
             if "direct" in families:
                 for d in range(prompts.direct_per_user):
                     t = int(rng.integers(1, n_train))
@@ -250,22 +264,32 @@ def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, spli
     data = PreparedData.open(data_dir)
     cfg = cfg or PrepareConfig(**{})
     wanted = list(families or cfg.prompts.families)
-    unknown = [f for f in wanted if f not in FAMILIES]
+    unknown = [f for f in wanted if f not in FAMILIES and f != SPAN]
     if unknown:
         raise ValueError(f"unknown task family {unknown[0]!r} (known: {', '.join(FAMILIES)})")
-    fams = [f for f in wanted if f in data.families]
+    fams = [f for f in wanted if f in data.families or f == SPAN]
     for f in wanted:
         if f not in fams:
             log(f"examples: skipping the {f} family: the dataset has no input for it")
     kw = dict(data_dir=str(Path(data_dir).resolve()), templates_dir=cfg.prompts.templates_dir, split=split,
               epoch=epoch, seed=cfg.seed, prompts=cfg.prompts, aug=cfg.augment, families=fams, held_out=held_out)
+    def read(table: str, rows_per_block: int):
+        # many small blocks, so that shuffling block order (training) mixes the task families well
+        import pyarrow.parquet as pq
+
+        files = sorted((data.path / table).glob("*.parquet"))
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        ds = ray.data.read_parquet(str(data.path / table))
+        blocks = max(1, -(-rows // rows_per_block))
+        return ds.repartition(blocks) if blocks > len(files) else ds
+
     parts = []
-    if {"sequential", "direct"} & set(fams):
-        parts.append(ray.data.read_parquet(str(data.path / SEQUENCES))
-                     .map_batches(sequence_examples, fn_kwargs=kw, batch_format="pandas", batch_size=256))
+    if {"sequential", "direct", SPAN} & set(fams):
+        parts.append(read(SEQUENCES, 64)
+                     .map_batches(sequence_examples, fn_kwargs=kw, batch_format="pandas", batch_size=64))
     if {"rating", "explanation", "review"} & set(fams):
-        parts.append(ray.data.read_parquet(str(data.path / INTERACTIONS))
-                     .map_batches(interaction_examples, fn_kwargs=kw, batch_format="pandas", batch_size=2048))
+        parts.append(read(INTERACTIONS, 4096)
+                     .map_batches(interaction_examples, fn_kwargs=kw, batch_format="pandas", batch_size=4096))
     if not parts:
         raise ValueError(f"none of the families {wanted} can be built from {data_dir}")
     out = parts[0]

@@ -45,6 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action="store_true",
                    help="do not rebuild the dataset if OUT already holds one (only preview / print stats)")
     p.set_defaults(func=cmd_prepare)
+
+    for cmd, helptext in (("pretrain", "pretrain the model on all task families with Ray Train (DDP)"),
+                          ("finetune", "fine-tune a bundle on chosen task families with Ray Train")):
+        p = sub.add_parser(cmd, help=helptext, description=helptext + ". The result is a model bundle; "
+                           "rerunning with the same --name resumes the run from its last checkpoint.")
+        _add_common(p)
+        p.add_argument("--data", help="prepared dataset directory (config key: data)")
+        p.add_argument("--out", "-o", help="bundle directory to write (config key: out)")
+        p.add_argument("--name", help="run name; the same name resumes (config key: name)")
+        p.add_argument("--preset", choices=["tiny", "mini", "small", "base"], help="model size (config key: preset)")
+        p.add_argument("--workers", type=int, help="Ray Train workers (config key: workers)")
+        p.add_argument("--gpu", action="store_true", help="train on GPUs (NCCL, bf16 autocast)")
+        p.add_argument("--storage-path", help="checkpoint storage: a path or URI such as s3://bucket/runs")
+        if cmd == "finetune":
+            p.add_argument("--bundle", required=True, help="the bundle to start from")
+            p.add_argument("--tasks", help="comma-separated task families to train, e.g. sequential,direct")
+        p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -89,6 +106,24 @@ def cmd_prepare(args) -> int:
         from .prompts import preview
 
         print(preview(cfg.out, args.preview, cfg))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, run
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    for flag, key in (("data", "data"), ("out", "out"), ("name", "name"), ("preset", "preset"),
+                      ("workers", "workers"), ("storage_path", "storage_path")):
+        if getattr(args, flag, None) is not None:
+            setattr(cfg, key, getattr(args, flag))
+    if args.gpu:
+        cfg.gpu = True
+    if args.command == "finetune":
+        cfg.init_bundle = args.bundle
+        if args.tasks:
+            cfg.families = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    run(cfg)
     return 0
 
 

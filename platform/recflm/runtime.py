@@ -19,6 +19,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
         return
     os.environ.setdefault("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY", "hash_shuffle")
     kwargs = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "WARNING"}
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         return

@@ -1,0 +1,88 @@
+"""Model bundles: everything evaluation and serving need, and nothing they must guess.
+
+    config.json, model.safetensors   the model (Hugging Face layout, safetensors only: no pickle)
+    tokenizer.json                   the tokenizer
+    items.parquet                    the item catalog (item, index, id_text, title, ...)
+    templates/                       the prompt templates the model was trained with
+    manifest.json                    data fingerprint, training config, metrics, versions
+
+Loading never unpickles anything: weights come from safetensors only, the rest is JSON, YAML and
+Parquet.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .model import RecT5, count_parameters
+from .prompts import TEMPLATES_DIR
+from .tokenizer import RecTokenizer
+
+REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "items.parquet", "manifest.json")
+
+
+class BundleError(ValueError):
+    pass
+
+
+@dataclass
+class Bundle:
+    path: Path
+    model: RecT5
+    tokenizer: RecTokenizer
+    catalog: pd.DataFrame
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.path / "templates"
+
+
+def save_bundle(out: str | Path, model: RecT5, tokenizer: RecTokenizer, catalog: pd.DataFrame,
+                manifest: dict, templates_dir: str | Path | None = None) -> Path:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save(tmp / "tokenizer.json")
+    catalog.to_parquet(tmp / "items.parquet", index=False)
+    shutil.copytree(Path(templates_dir) if templates_dir else TEMPLATES_DIR, tmp / "templates")
+    info = {**manifest, "kind": "recflm-bundle", "format_version": 1, "parameters": count_parameters(model),
+            "versions": {"recflm": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__}}
+    (tmp / "manifest.json").write_text(json.dumps(info, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # a reader never sees a half-written bundle
+    return out
+
+
+def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
+    p = Path(path)
+    if not p.is_dir():
+        raise BundleError(f"{p}: bundle directory not found")
+    missing = [n for n in REQUIRED if not (p / n).is_file()]
+    if missing:
+        pickles = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt"))
+        hint = f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
+        raise BundleError(f"{p}: not a recflm bundle, missing {', '.join(missing)}{hint}")
+    try:
+        manifest = json.loads((p / "manifest.json").read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{p / 'manifest.json'}: not valid JSON: {e}") from None
+    try:
+        model = RecT5.from_pretrained(p, use_safetensors=True).to(device).eval()
+    except Exception as e:  # transformers / safetensors raise several kinds for a corrupt file
+        raise BundleError(f"{p}: cannot load the model weights: {e}") from None
+    return Bundle(p, model, RecTokenizer.load(p / "tokenizer.json"), pd.read_parquet(p / "items.parquet"), manifest)

@@ -1,0 +1,66 @@
+"""The model: a Hugging Face T5 encoder-decoder built from a config, plus P5's whole-word embedding.
+
+``RecT5`` adds an embedding of each token's whole-word index to the encoder's token embeddings, in
+training and in generation alike (P5's released evaluation dropped it at test time; we do not).
+Presets go from ``tiny`` (tests) to ``base`` (T5-base geometry). No pretrained weights are loaded.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
+
+from .tokenizer import MAX_WHOLE_WORD
+
+PRESETS = {
+    "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
+    "mini": dict(d_model=288, d_kv=48, d_ff=1152, num_layers=4, num_decoder_layers=4, num_heads=6),
+    "small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8),
+    "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12),
+}
+
+
+class RecT5(T5ForConditionalGeneration):
+    def __init__(self, config: T5Config):
+        super().__init__(config)
+        self.whole_word_embed = nn.Embedding(getattr(config, "max_whole_word", MAX_WHOLE_WORD), config.d_model)
+        nn.init.normal_(self.whole_word_embed.weight, std=0.02)
+
+    def _embed(self, input_ids, whole_word_ids):
+        emb = self.shared(input_ids)
+        if whole_word_ids is not None:
+            emb = emb + self.whole_word_embed(whole_word_ids)
+        return emb
+
+    def encode(self, input_ids, attention_mask, whole_word_ids=None) -> BaseModelOutput:
+        """Run the encoder once (decoding code then calls ``forward(encoder_outputs=...)``)."""
+        return self.encoder(inputs_embeds=self._embed(input_ids, whole_word_ids), attention_mask=attention_mask,
+                            return_dict=True)
+
+    def forward(self, input_ids=None, attention_mask=None, whole_word_ids=None, encoder_outputs=None,
+                inputs_embeds=None, **kwargs):
+        if encoder_outputs is None and inputs_embeds is None and input_ids is not None:
+            inputs_embeds, input_ids = self._embed(input_ids, whole_word_ids), None
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, encoder_outputs=encoder_outputs,
+                               inputs_embeds=inputs_embeds, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, whole_word_ids=None, **kwargs):
+        """``generate`` with the whole-word embedding: the encoder runs here, once."""
+        if "encoder_outputs" not in kwargs and input_ids is not None:
+            kwargs["encoder_outputs"] = self.encode(input_ids, attention_mask, whole_word_ids)
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def build_model(preset: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, **overrides) -> RecT5:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r} (known: {', '.join(PRESETS)})")
+    geometry = {"dropout_rate": 0.1, **PRESETS[preset], **overrides}
+    cfg = T5Config(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id,
+                   feed_forward_proj="relu", tie_word_embeddings=True, max_whole_word=MAX_WHOLE_WORD, **geometry)
+    return RecT5(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

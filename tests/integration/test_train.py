@@ -1,0 +1,54 @@
+"""recflm pretrain on Ray Train: local mode, 2-worker DDP on CPU, and recovery from a worker failure."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from recflm.bundle import load_bundle
+from recflm.train import TrainConfig, run
+
+pytestmark = pytest.mark.integration
+
+
+def cfg(data, tmp, **kw):
+    base = dict(data=str(data), out=str(tmp / "bundle"), storage_path=str(tmp / "runs"), preset="tiny", epochs=1,
+                batch_size=16, vocab_size=600, log_every=5, checkpoint_every=10, val_examples=64, val_users=20,
+                shuffle_buffer=200, families=["sequential", "direct", "span", "rating"])
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def history(c):
+    return json.loads((Path(c.storage_path) / c.name / "metrics.json").read_text())
+
+
+def test_local_mode_loss_falls_and_bundle_loads(bundled_dataset, tmp_path):
+    data, _, _ = bundled_dataset
+    c = cfg(data, tmp_path, workers=0, max_steps=60, name="local")
+    out = run(c, log=lambda *a: None)
+    h = history(c)
+    windows = [m["loss"] for m in h if "loss" in m]
+    assert len(windows) >= 4 and windows[-1] < 0.85 * windows[0]
+    # balanced mixing: every family is trained within the first 60 steps, rating is not drowned out
+    assert {"loss/sequential", "loss/direct", "loss/span", "loss/rating"} <= set().union(*map(set, h))
+    assert h[-1]["step"] == 60 and h[-1]["val_loss"] > 0 and 0 <= h[-1]["val_hr10_of_100"] <= 1
+    b = load_bundle(out)
+    assert b.manifest["metrics"]["step"] == 60 and len(b.catalog) > 0
+    enc = b.tokenizer.encode_batch(["Here is the history of user_ml:1: 1, 2, 3. What to recommend next?"])
+    with torch.no_grad():
+        assert b.model.generate(**enc, max_new_tokens=4).shape[0] == 1
+
+
+def test_two_worker_ddp_recovers_from_a_failure(bundled_dataset, tmp_path):
+    """Rank 0 raises once at step 15; the group restarts from the step-10 checkpoint and finishes."""
+    data, _, _ = bundled_dataset
+    c = cfg(data, tmp_path, workers=2, cpus_per_worker=0.5, max_steps=30, max_failures=1, fail_at_step=15,
+            name="ddp")
+    run(c, log=lambda *a: None)
+    h = history(c)
+    final = h[-1]
+    assert final["world_size"] == 2 and final["step"] == 30
+    assert (tmp_path / "runs" / "ddp" / "injected_failure").read_text() == "15"
+    assert final["resumed_at"] == 10  # restarted from the last checkpoint: 5 steps repeated, < one interval
+    assert load_bundle(tmp_path / "bundle").manifest["run"]["name"] == "ddp"
