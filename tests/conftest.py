@@ -62,3 +62,17 @@ def bundled_dataset(ray_session, tmp_path_factory):
     cfg = PrepareConfig(out=str(out))
     stats = run(cfg, log=lambda *a: None)
     return out, cfg, stats
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(bundled_dataset, tmp_path_factory):
+    """A tiny model pretrained for a few steps in Ray Train local mode (built once per session)."""
+    from recflm.train import TrainConfig, run
+
+    data, _, _ = bundled_dataset
+    tmp = tmp_path_factory.mktemp("tiny_bundle")
+    cfg = TrainConfig(data=str(data), out=str(tmp / "bundle"), storage_path=str(tmp / "runs"), name="tiny",
+                      preset="tiny", workers=0, epochs=1, batch_size=16, vocab_size=600, max_steps=40,
+                      log_every=10, checkpoint_every=40, val_examples=32, val_users=10, shuffle_buffer=200,
+                      families=["rating", "sequential", "direct", "explanation", "span"])
+    return run(cfg, log=lambda *a: None), cfg

@@ -82,6 +82,9 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     except json.JSONDecodeError as e:
         raise BundleError(f"{p / 'manifest.json'}: not valid JSON: {e}") from None
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         model = RecT5.from_pretrained(p, use_safetensors=True).to(device).eval()
     except Exception as e:  # transformers / safetensors raise several kinds for a corrupt file
         raise BundleError(f"{p}: cannot load the model weights: {e}") from None

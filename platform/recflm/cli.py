@@ -62,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--bundle", required=True, help="the bundle to start from")
             p.add_argument("--tasks", help="comma-separated task families to train, e.g. sequential,direct")
         p.set_defaults(func=cmd_train)
+
+    helptext = "evaluate a bundle on the held-out split (valid-only generation), optionally against baselines"
+    p = sub.add_parser("evaluate", help=helptext, description=helptext + ". Writes metrics.json and prints one table.")
+    _add_common(p)
+    p.add_argument("--bundle", help="the model bundle (config key: bundle)")
+    p.add_argument("--data", help="prepared dataset directory (default: the one the bundle was trained on)")
+    p.add_argument("--split", choices=["valid", "test"], help="evaluation split (default test)")
+    p.add_argument("--baselines", action="store_true", help="also train and score popularity, two-tower and SASRec")
+    p.add_argument("--replicas", type=int, help="model replicas in the Ray Data actor pool")
+    p.add_argument("--max-users", type=int, help="evaluate the first N users only (0: all)")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
@@ -123,6 +134,19 @@ def cmd_train(args) -> int:
         cfg.init_bundle = args.bundle
         if args.tasks:
             cfg.families = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    run(cfg)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import EvalConfig, run
+
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    for flag in ("bundle", "data", "split", "replicas", "max_users"):
+        if getattr(args, flag, None) is not None:
+            setattr(cfg, flag, getattr(args, flag))
+    if args.baselines:
+        cfg.baselines = True
     run(cfg)
     return 0
 

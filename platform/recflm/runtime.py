@@ -10,11 +10,12 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
 
     import ray
 
-    if quiet:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        from ray.data import DataContext
+    # Ray Data's progress bars would interleave with recflm's own progress lines (training workers'
+    # lines reach the console when quiet=False); the data stages report their own counts
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY", "hash_shuffle")

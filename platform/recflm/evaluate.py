@@ -1,0 +1,291 @@
+"""``recflm evaluate``: honest numbers for a bundle, with baselines on the same split and protocol.
+
+Protocols (split ``test`` by default; leave-one-out, so each user has one held-out item):
+
+- sequential, full ranking: the prompt holds the user's items before the held-out one (the last
+  ``max_history``); constrained beam search (beam 20) returns the top 20 catalog items, the user's
+  earlier items excluded (for every method alike); HR@1/5/10/20, NDCG@5/10/20, with a seen
+  template and with a held-out (never trained) template;
+- direct, 1-of-100: the held-out item and 99 fixed seeded negatives (the user never interacted
+  with them; the same draw as the data stage's direct prompts), ranked by sequence log-probability;
+  HR@1/5/10, NDCG@5/10;
+- rating: RMSE and MAE of the greedy-decoded number, unparseable outputs counted;
+- explanation / review: BLEU-4 and ROUGE-1/2/L of the decoded text, where the data has text.
+
+Model inference runs as Ray Data batch inference: ``map_batches`` over the evaluation rows with an
+actor pool of model replicas (``replicas``), so it scales out like the rest of the platform.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import PrepareConfig, from_dict, to_dict
+
+
+@dataclass
+class EvalConfig:
+    bundle: str = "runs/model"
+    data: str = ""  # prepared dataset (default: the one the bundle was trained on)
+    split: str = "test"  # test | valid
+    beams: int = 20
+    top_k: int = 20
+    exclude_seen: bool = True
+    batch_size: int = 16
+    replicas: int = 1  # model replicas in the Ray Data actor pool
+    cpus_per_replica: float = 1.0
+    max_users: int = 0  # 0: every user with a held-out item
+    text_examples: int = 300  # rating / explanation / review examples evaluated (0: all)
+    baselines: bool = False
+    out: str = ""  # metrics.json path (default: <bundle>/metrics_<split>.json)
+    seed: int = 2022
+
+
+# ----------------------------------------------------------------------------- evaluation rows
+def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print) -> tuple[pd.DataFrame, dict]:
+    """One row per (task, user or example): the prompt and what the answer is checked against."""
+    from .augment import EVAL_CANDIDATES, SPLIT_CODE, _negatives, _rng, example_dataset
+    from .dataset import PreparedData
+    from .prompts import load_templates
+
+    data = PreparedData.open(data_dir)
+    pcfg = from_dict(PrepareConfig, data.manifest["config"])
+    temps = load_templates(templates_dir)
+    ids = data.id_texts
+    seqs = data.sequences_pandas(columns=["user", "index", "n_train"])
+    off = SPLIT_CODE[cfg.split] - 1
+    seqs = seqs[seqs["index"].map(len) > seqs["n_train"] + off].reset_index(drop=True)
+    seqs = seqs[seqs["n_train"] + off >= 1]
+    if cfg.max_users:
+        seqs = seqs.head(cfg.max_users)
+    H = pcfg.prompts.max_history
+    seq_t = {"seen": next(t for t in temps["sequential"] if not t.held_out),
+             "held-out": next((t for t in temps["sequential"] if t.held_out), None)}
+    direct_t = next(t for t in temps.get("direct", []) if not t.held_out and "candidates" in t.fields)
+    rows = []
+    for user, index, n_train in seqs.itertuples(index=False):
+        index = [int(i) for i in index]
+        t = int(n_train) + off
+        hist = index[:t]
+        text_hist = ", ".join(ids[i] for i in hist[-H:])
+        excl = hist if cfg.exclude_seen else []
+        for kind, temp in seq_t.items():
+            if temp is None:
+                continue
+            src, _ = temp.render({"user": user, "history": text_hist, "item": ids[index[t]]})
+            rows.append({"task": f"sequential/{kind}", "user": user, "source": src, "truth": index[t],
+                         "history": hist, "exclude": excl, "candidates": [], "target": ids[index[t]]})
+        # the same fixed draw as the data stage: rng of (seed, epoch 0, split, user)
+        urng = _rng(pcfg.seed, 0, cfg.split, user)
+        cands = [index[t]] + _negatives(urng, len(ids), set(index), EVAL_CANDIDATES - 1)
+        shown = list(cands)
+        urng.shuffle(shown)
+        src, _ = direct_t.render({"user": user, "history": ", ".join(ids[i] for i in hist[-5:]), "item": ids[index[t]],
+                                  "candidates": ", ".join(ids[i] for i in shown)})
+        rows.append({"task": "direct", "user": user, "source": src, "truth": index[t], "history": hist,
+                     "exclude": [], "candidates": cands, "target": ids[index[t]]})
+    fams = [f for f in ("rating", "explanation", "review") if f in data.families and f in temps]
+    if fams:
+        ex = example_dataset(data_dir, pcfg, split=cfg.split, families=fams, held_out=False,
+                             log=lambda *a: None).to_pandas()
+        for fam in fams:
+            part = ex[ex["family"] == fam]
+            if cfg.text_examples and len(part) > cfg.text_examples:
+                part = part.sample(n=cfg.text_examples, random_state=cfg.seed)
+            for r in part.itertuples(index=False):
+                rows.append({"task": fam, "user": r.user, "source": r.source, "truth": -1, "history": [],
+                             "exclude": [], "candidates": [], "target": r.target, "item": r.item})
+    info = {"users": int(len(seqs)), "n_items": len(ids), "scale": (pcfg.rating_min, pcfg.rating_max)}
+    return pd.DataFrame(rows), info
+
+
+# ----------------------------------------------------------------------------- model replicas
+class BundlePredictor:
+    """A model replica for ``map_batches``: loads the bundle once, answers every task of a batch."""
+
+    def __init__(self, bundle: str, beams: int, top_k: int, threads: int = 1):
+        import torch
+
+        from .bundle import load_bundle
+        from .generate import CatalogTrie, ConstrainedBeamSearch
+
+        torch.set_num_threads(max(1, threads))
+        self.b = load_bundle(bundle)
+        self.trie = CatalogTrie.from_catalog(self.b.tokenizer, list(self.b.catalog["id_text"]))
+        self.search = ConstrainedBeamSearch(self.b.model, self.trie)
+        self.beams, self.top_k = beams, top_k
+        self.ids = list(self.b.catalog["id_text"])
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from .generate import generate_text, score_candidates
+
+        tok, model = self.b.tokenizer, self.b.model
+        out = pd.DataFrame({"task": batch["task"], "user": batch["user"], "truth": batch["truth"],
+                            "target": batch["target"]})
+        out["items"] = [[] for _ in range(len(batch))]
+        out["text"] = None
+        out["rank"] = -1
+        seq = batch["task"].str.startswith("sequential").to_numpy()
+        if seq.any():
+            sub = batch[seq]
+            items, _ = self.search.search(tok.encode_batch(list(sub["source"])), beams=self.beams, k=self.top_k,
+                                          exclude=list(sub["exclude"]))
+            out.loc[seq, "items"] = pd.Series([[int(i) for i in row if i >= 0] for row in items.tolist()],
+                                              index=sub.index)
+        direct = (batch["task"] == "direct").to_numpy()
+        if direct.any():
+            from .metrics import rank_among_candidates
+
+            sub = batch[direct]
+            scores = score_candidates(model, tok, list(sub["source"]),
+                                      [[self.ids[i] for i in c] for c in sub["candidates"]])
+            out.loc[direct, "rank"] = [rank_among_candidates(s, 0) for s in scores]
+        for fam, new_tokens, beams in (("rating", 4, 1), ("explanation", 32, 4), ("review", 32, 4)):
+            m = (batch["task"] == fam).to_numpy()
+            if m.any():
+                out.loc[m, "text"] = generate_text(model, tok, list(batch.loc[m, "source"]), new_tokens, beams)
+        return out
+
+
+# ----------------------------------------------------------------------------- scoring
+def _score(pred: pd.DataFrame, info: dict, k: int) -> dict:
+    from .generate import parse_rating
+    from .metrics import ranking_metrics, ranks_of_truth, rating_metrics, text_metrics
+
+    res = {}
+    for task in sorted(pred["task"].unique()):
+        p = pred[pred["task"] == task]
+        if task.startswith("sequential"):
+            lists = list(p["items"])
+            m = ranking_metrics(ranks_of_truth(lists, list(p["truth"])))
+            m["invalid"] = int(sum(1 for lst in lists for i in lst if not 0 <= i < info["n_items"]))
+            m["short_lists"] = int(sum(1 for lst in lists if len(lst) < k))
+        elif task == "direct":
+            m = ranking_metrics(list(p["rank"]), ks_hr=(1, 5, 10), ks_ndcg=(5, 10))
+            m["invalid"] = 0
+        elif task == "rating":
+            lo, hi = info["scale"]
+            m = rating_metrics([parse_rating(t, lo, hi) for t in p["text"]], [float(t) for t in p["target"]])
+        else:
+            m = text_metrics([t or "" for t in p["text"]], list(p["target"]))
+            m["empty"] = int(sum(1 for t in p["text"] if not t))
+        m["n"] = int(len(p))
+        res[task] = m
+    return res
+
+
+def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalConfig, log=print) -> dict:
+    from .baselines import BASELINES
+    from .dataset import PreparedData
+    from .metrics import rank_among_candidates, ranking_metrics, ranks_of_truth, rating_metrics
+
+    data = PreparedData.open(data_dir)
+    seqs = data.sequences_pandas(columns=["user", "index", "n_train"])
+    users = list(seqs["user"])
+    train = [[int(i) for i in ix[:int(n)]] for ix, n in zip(seqs["index"], seqs["n_train"])]
+    inter = data.interactions_pandas(columns=["user", "item", "rating", "split"])
+    inter = inter[(inter["split"] == "train") & inter["rating"].notna()]
+    pos = pd.Index(data.catalog["item"]).get_indexer(inter["item"])
+    ratings = {"items": pos[pos >= 0], "values": inter["rating"].to_numpy()[pos >= 0]}
+    seq_rows = rows[rows["task"] == "sequential/seen"]
+    direct_rows = rows[rows["task"] == "direct"]
+    out = {}
+    for name, cls in BASELINES.items():
+        t0 = time.perf_counter()
+        model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed)
+        res = {}
+        s = model.scores(list(seq_rows["history"]), list(seq_rows["user"]))
+        for r, ex in enumerate(seq_rows["exclude"]):
+            if len(ex):
+                s[r, np.asarray(ex, dtype=np.int64)] = -np.inf
+        top = np.argsort(-s, axis=1, kind="stable")[:, :cfg.top_k]
+        res["sequential/seen"] = {**ranking_metrics(ranks_of_truth(top.tolist(), list(seq_rows["truth"]))),
+                                  "invalid": 0, "n": int(len(seq_rows))}
+        s = model.scores(list(direct_rows["history"]), list(direct_rows["user"]))
+        ranks = [rank_among_candidates(s[r, np.asarray(c)], 0) for r, c in enumerate(direct_rows["candidates"])]
+        res["direct"] = {**ranking_metrics(ranks, ks_hr=(1, 5, 10), ks_ndcg=(5, 10)), "invalid": 0,
+                         "n": int(len(direct_rows))}
+        rr = rows[rows["task"] == "rating"]
+        if hasattr(model, "predict_rating") and len(rr):
+            items = pd.Index(data.catalog["item"]).get_indexer(rr["item"])
+            res["rating"] = {**rating_metrics(model.predict_rating(list(rr["user"]), items),
+                                              [float(t) for t in rr["target"]]), "n": int(len(rr))}
+        res["train_seconds"] = round(time.perf_counter() - t0, 1)
+        log(f"evaluate: baseline {name} trained and scored in {res['train_seconds']} s")
+        out[name] = res
+    return out
+
+
+TABLE_ROWS = [("sequential/seen", ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "invalid"]),
+              ("sequential/held-out", ["HR@5", "HR@10", "NDCG@10", "invalid"]),
+              ("direct", ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "invalid"]),
+              ("rating", ["RMSE", "MAE", "unparseable"]),
+              ("explanation", ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"]),
+              ("review", ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"])]
+
+
+def format_table(results: dict) -> str:
+    """One table: a row per (task, metric), a column per method."""
+    methods = list(results)
+    lines = [f"{'task':<20} {'metric':<12}" + "".join(f"{m:>13}" for m in methods)]
+    lines.append("-" * len(lines[0]))
+    for task, metrics in TABLE_ROWS:
+        if not any(task in results[m] for m in methods):
+            continue
+        n = next(results[m][task].get("n") for m in methods if task in results[m])
+        for metric in metrics:
+            cells = []
+            for m in methods:
+                v = results[m].get(task, {}).get(metric)
+                cells.append("—" if v is None else (f"{v}" if isinstance(v, int) else
+                                                    "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}"))
+            label = f"{task} (n={n})" if metric == metrics[0] else ""
+            lines.append(f"{label:<20} {metric:<12}" + "".join(f"{c:>13}" for c in cells))
+    return "\n".join(lines)
+
+
+def run(cfg: EvalConfig, log=print) -> dict:
+    import ray
+
+    from .bundle import load_bundle
+    from .runtime import ensure_ray
+
+    if cfg.split not in ("valid", "test"):
+        raise ValueError(f"split must be valid or test, not {cfg.split!r}")
+    if cfg.top_k > cfg.beams:
+        raise ValueError(f"top_k={cfg.top_k} is larger than beams={cfg.beams}")
+    t0 = time.perf_counter()
+    bundle = load_bundle(cfg.bundle)  # fail early on a bad bundle, before any Ray work
+    data_dir = cfg.data or bundle.manifest.get("data", {}).get("path")
+    ensure_ray()
+    rows, info = build_rows(data_dir, str(bundle.templates_dir), cfg, log)
+    log(f"evaluate: {info['users']} users, {len(rows)} prompts on split {cfg.split}, "
+        f"{cfg.replicas} model replica(s)")
+    cols = rows[["task", "user", "source", "truth", "exclude", "candidates", "target"]]
+    step = max(1, math.ceil(len(cols) / max(4, 4 * cfg.replicas)))
+    ds = ray.data.from_pandas([cols.iloc[i:i + step] for i in range(0, len(cols), step)])
+    threads = max(1, int(cfg.cpus_per_replica))
+    pred = ds.map_batches(BundlePredictor, fn_constructor_kwargs={"bundle": str(Path(cfg.bundle).resolve()),
+                                                                  "beams": cfg.beams, "top_k": cfg.top_k,
+                                                                  "threads": threads},
+                          batch_size=cfg.batch_size, batch_format="pandas", concurrency=cfg.replicas,
+                          num_cpus=cfg.cpus_per_replica).to_pandas()
+    infer_s = time.perf_counter() - t0
+    results = {"recflm": _score(pred, info, cfg.top_k)}
+    if cfg.baselines:
+        results.update(_baseline_results(data_dir, rows, info, cfg, log))
+    # the held-out template row is recflm's own: baselines have no prompts
+    out = {"split": cfg.split, "bundle": str(cfg.bundle), "data": str(data_dir), "users": info["users"],
+           "config": to_dict(cfg), "seconds": round(time.perf_counter() - t0, 1),
+           "inference_seconds": round(infer_s, 1), "results": results}
+    path = Path(cfg.out) if cfg.out else Path(cfg.bundle) / f"metrics_{cfg.split}.json"
+    path.write_text(json.dumps(out, indent=2, default=float))
+    print(format_table(results))
+    log(f"evaluate: metrics written to {path} ({out['seconds']} s)")
+    return out

@@ -1,0 +1,227 @@
+"""Valid-only generation: constrained beam search over the item catalog, and free-text decoding.
+
+``CatalogTrie`` holds the token sequences of every catalog ID (each ending in ``</s>``) as a
+prefix trie in CSR form (``indptr``, edge ``tokens``, edge ``children``), so the allowed next
+tokens of any set of beams are gathered with tensor ops. ``ConstrainedBeamSearch`` runs batched
+beam search on a ``RecT5``: the encoder runs once per batch (with the whole-word embedding), the
+decoder steps with its key/value cache, every step is masked to the trie's continuations, and a
+user's already seen items can be excluded at the terminal ``</s>`` edge. Every returned item is in
+the catalog by construction.
+
+The search follows Hugging Face's beam search exactly (top ``2 x beams`` candidates per step,
+finished hypotheses taken from the first ``beams`` ranks, running beams refilled with unfinished
+ones, scores = summed log-probabilities, i.e. ``length_penalty=0``), so its top-k equals
+``generate(num_beams=k, prefix_allowed_tokens_fn=trie.allowed, length_penalty=0)``; a test checks it.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+
+NEG = float("-inf")
+
+
+class CatalogTrie:
+    def __init__(self, sequences: list[list[int]], pad_id: int, eos_id: int):
+        """``sequences[i]``: token ids of item ``i`` ending in ``eos_id``."""
+        self.pad_id, self.eos_id, self.n_items = pad_id, eos_id, len(sequences)
+        children: list[dict] = [{}]
+        leaf_item: list[int] = [-1]
+        for i, seq in enumerate(sequences):
+            if not seq or seq[-1] != eos_id:
+                raise ValueError(f"item {i}: token sequence must end with </s> ({eos_id})")
+            node = 0
+            for t in seq:
+                nxt = children[node].get(t)
+                if nxt is None:
+                    nxt = len(children)
+                    children[node][t] = nxt
+                    children.append({})
+                    leaf_item.append(-1)
+                node = nxt
+            if leaf_item[node] != -1:
+                raise ValueError(f"items {leaf_item[node]} and {i} have the same token sequence")
+            leaf_item[node] = i
+        counts = [len(c) for c in children]
+        self.indptr = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.long)
+        self.tokens = torch.tensor([t for c in children for t in sorted(c)], dtype=torch.long)
+        self.children = torch.tensor([c[t] for c in children for t in sorted(c)], dtype=torch.long)
+        self.leaf_item = torch.tensor(leaf_item, dtype=torch.long)
+        # edge keys (parent node * span + token) are sorted in CSR order: child look-up by searchsorted
+        self.vocab_span = int(self.tokens.max()) + 1 if len(self.tokens) else 1
+        parents = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        self.edge_keys = parents * self.vocab_span + self.tokens
+        self.depth = max(len(s) for s in sequences)
+        self._py = children
+
+    @classmethod
+    def from_catalog(cls, tokenizer, id_texts: list[str]) -> "CatalogTrie":
+        return cls([tokenizer.encode_ids(t) for t in id_texts], tokenizer.pad_id, tokenizer.eos_id)
+
+    def allowed(self, prefix: list[int]) -> list[int]:
+        """Allowed next tokens after a decoder prefix (which starts with the pad start token)."""
+        node = 0
+        for t in prefix[1:]:
+            if t == self.pad_id and node == 0:
+                continue
+            node = self._py[node].get(int(t), -1) if node >= 0 else -1
+            if node < 0:
+                return [self.pad_id]  # finished or invalid: only padding
+        return sorted(self._py[node]) or [self.pad_id]
+
+    def edges(self, nodes: torch.Tensor):
+        """Flattened (row, token, child) of all edges leaving ``nodes`` (one row per node)."""
+        start, stop = self.indptr[nodes], self.indptr[nodes + 1]
+        count = stop - start
+        rows = torch.repeat_interleave(torch.arange(len(nodes)), count)
+        offs = torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+        e = start[rows] + offs
+        return rows, self.tokens[e], self.children[e]
+
+
+class ConstrainedBeamSearch:
+    def __init__(self, model, trie: CatalogTrie):
+        self.model, self.trie = model, trie
+
+    @torch.no_grad()
+    def search(self, enc: dict, beams: int = 20, k: int | None = None, exclude: list | None = None):
+        """Top-``k`` items per input row: (items (B, k) long, -1 where fewer exist; scores (B, k)).
+
+        ``enc``: input_ids, attention_mask, whole_word_ids (from ``RecTokenizer.encode_batch``).
+        ``exclude``: per row, an iterable of item indices never to return (e.g. already seen)."""
+        k = k or beams
+        if k > beams:
+            raise ValueError(f"k={k} is larger than the beam width {beams}")
+        model, trie = self.model, self.trie
+        device = next(model.parameters()).device
+        enc = {n: v.to(device) for n, v in enc.items()}
+        B, K, V = enc["input_ids"].shape[0], beams, model.config.vocab_size
+        hidden = model.encode(enc["input_ids"], enc["attention_mask"], enc.get("whole_word_ids")).last_hidden_state
+        hidden = hidden.repeat_interleave(K, 0)
+        mask = enc["attention_mask"].repeat_interleave(K, 0)
+        banned = None
+        if exclude is not None:
+            banned = torch.zeros((B, trie.n_items + 1), dtype=torch.bool)  # column n_items: "not a leaf"
+            for b, items in enumerate(exclude):
+                idx = [int(i) for i in items if 0 <= int(i) < trie.n_items]
+                if idx:
+                    banned[b, idx] = True
+        scores = torch.full((B, K), NEG)
+        scores[:, 0] = 0.0
+        nodes = torch.zeros((B, K), dtype=torch.long)
+        tokens = torch.full((B * K, 1), trie.pad_id, dtype=torch.long, device=device)
+        fin_scores = torch.full((B, K), NEG)
+        fin_items = torch.full((B, K), -1, dtype=torch.long)
+        past = None
+        for _ in range(trie.depth):
+            out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=tokens[:, -1:],
+                        past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
+            allowed = torch.full((B * K, V), NEG)
+            rows, toks, kids = trie.edges(nodes.reshape(-1).clamp(min=0))  # -1: a dead beam (score -inf)
+            ok = torch.ones(len(rows), dtype=torch.bool)
+            if banned is not None:
+                leaf = trie.leaf_item[kids]
+                ok = ~banned[rows // K, torch.where(leaf >= 0, leaf, trie.n_items)]
+            allowed[rows[ok], toks[ok]] = 0.0
+            cand = (scores.reshape(-1, 1) + logp + allowed).reshape(B, K * V)
+            top, idx = cand.topk(2 * K, dim=1)  # sorted, best first
+            beam, tok = idx // V, idx % V
+            child_node = self._child(nodes, beam, tok)
+            is_eos = (tok == trie.eos_id) & torch.isfinite(top)
+            # finished: eos candidates among the first K ranks (Hugging Face's rule)
+            rank = torch.arange(2 * K).expand(B, -1)
+            f_new = torch.where(is_eos & (rank < K), top, torch.full_like(top, NEG))
+            f_items = torch.where(is_eos, trie.leaf_item[child_node], torch.full_like(tok, -1))
+            all_s = torch.cat([fin_scores, f_new], 1)
+            all_i = torch.cat([fin_items, f_items], 1)
+            fin_scores, pick = all_s.topk(K, dim=1)
+            fin_items = all_i.gather(1, pick)
+            # running: the best K candidates that are not eos
+            r_scores = torch.where(is_eos, torch.full_like(top, NEG), top)
+            scores, pick = r_scores.topk(K, dim=1)
+            src_beam = beam.gather(1, pick)
+            nodes = child_node.gather(1, pick)
+            flat = (torch.arange(B).unsqueeze(1) * K + src_beam).reshape(-1).to(device)
+            tokens = torch.cat([tokens[flat], tok.gather(1, pick).reshape(-1, 1).to(device)], 1)
+            past.reorder_cache(flat)
+            if not torch.isfinite(scores).any():
+                break
+        fin_items = torch.where(torch.isfinite(fin_scores), fin_items, torch.full_like(fin_items, -1))
+        return fin_items[:, :k], fin_scores[:, :k]
+
+    def _child(self, nodes, beam, tok):
+        """Trie child reached from beam ``beam`` by token ``tok`` (-1 where no such edge)."""
+        trie = self.trie
+        key = nodes.gather(1, beam) * trie.vocab_span + tok
+        pos = torch.searchsorted(trie.edge_keys, key.reshape(-1)).clamp(max=len(trie.edge_keys) - 1).reshape(key.shape)
+        return torch.where(trie.edge_keys[pos] == key, trie.children[pos], torch.full_like(key, -1))
+
+
+def hf_reference(model, enc: dict, trie: CatalogTrie, beams: int, k: int):
+    """The same search with Hugging Face ``generate`` and a Python ``prefix_allowed_tokens_fn``
+    (the reference for tests and the benchmark): (items (B, k), scores (B, k))."""
+    out = model.generate(**enc, num_beams=beams, num_return_sequences=k, length_penalty=0.0,
+                         max_new_tokens=trie.depth, prefix_allowed_tokens_fn=lambda b, ids: trie.allowed(ids.tolist()),
+                         output_scores=True, return_dict_in_generate=True, early_stopping=False, do_sample=False)
+    seqs, scores = out.sequences.cpu(), out.sequences_scores.cpu()
+    B = enc["input_ids"].shape[0]
+    items = torch.full((B, k), -1, dtype=torch.long)
+    for r in range(B * k):
+        node = 0
+        for t in seqs[r, 1:].tolist():
+            node = trie._py[node].get(t, -1)
+            if node < 0:
+                break
+            if t == trie.eos_id:
+                items[r // k, r % k] = int(trie.leaf_item[node])
+                break
+    return items, scores.reshape(B, k)
+
+
+_NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*$")
+
+
+def parse_rating(text: str, lo: float, hi: float) -> float | None:
+    """A rating output as a number in [lo, hi], or None (counted as unparseable, never dropped)."""
+    m = _NUMBER.match(text or "")
+    if not m:
+        return None
+    v = float(m.group(1))
+    return v if lo <= v <= hi and math.isfinite(v) else None
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, sources: list[str], max_new_tokens: int = 32, beams: int = 1,
+                  max_source_len: int = 256) -> list[str]:
+    """Free text (explanation, review summary, rating) with its own decoding settings."""
+    enc = tokenizer.encode_batch(sources, max_source_len)
+    dev = next(model.parameters()).device
+    enc = {n: v.to(dev) for n, v in enc.items()}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=beams, do_sample=False,
+                         no_repeat_ngram_size=3 if max_new_tokens > 8 else 0)
+    return [tokenizer.decode(row) for row in out.cpu()]
+
+
+@torch.no_grad()
+def score_candidates(model, tokenizer, sources: list[str], candidates: list[list[str]],
+                     max_source_len: int = 256) -> list[np.ndarray]:
+    """Sequence log-probability of each candidate target given its source (teacher-forced), for
+    ranking a fixed candidate list (the 1-of-100 direct protocol)."""
+    dev = next(model.parameters()).device
+    enc = tokenizer.encode_batch(sources, max_source_len)
+    enc = {n: v.to(dev) for n, v in enc.items()}
+    hidden = model.encode(enc["input_ids"], enc["attention_mask"], enc["whole_word_ids"]).last_hidden_state
+    out = []
+    for b, cands in enumerate(candidates):
+        labels = tokenizer.encode_targets(cands, 32).to(dev)
+        n = len(cands)
+        res = model(encoder_outputs=(hidden[b:b + 1].expand(n, -1, -1),),
+                    attention_mask=enc["attention_mask"][b:b + 1].expand(n, -1), labels=labels)
+        lp = torch.log_softmax(res.logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((lp * (labels != -100)).sum(1).cpu().numpy())
+    return out

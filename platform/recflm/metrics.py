@@ -1,0 +1,76 @@
+"""Evaluation metrics: ranking (HR@k, NDCG@k), rating (RMSE, MAE) and text (BLEU-4, ROUGE-1/2/L).
+
+Ranking metrics take, per user, the 0-based rank of the true item in the returned list (``-1``
+or ``None`` when it is not in the list): HR@k = share of users with rank < k; NDCG@k with one
+relevant item = mean of ``1 / log2(rank + 2)`` over users with rank < k. Text metrics come from
+sacrebleu (corpus BLEU-4, 0-100) and Google's rouge-score (F-measure, 0-100).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def ranks_of_truth(lists, truths) -> np.ndarray:
+    """0-based position of each truth in its list, -1 when absent."""
+    out = np.full(len(truths), -1, dtype=np.int64)
+    for i, (lst, t) in enumerate(zip(lists, truths)):
+        for r, x in enumerate(lst):
+            if x == t:
+                out[i] = r
+                break
+    return out
+
+
+def ranking_metrics(ranks, ks_hr=(1, 5, 10, 20), ks_ndcg=(5, 10, 20)) -> dict:
+    r = np.array([-1 if x is None else x for x in ranks], dtype=np.int64)
+    if len(r) == 0:
+        return {}
+    found = r >= 0
+    out = {}
+    for k in ks_hr:
+        out[f"HR@{k}"] = float(np.mean(found & (r < k)))
+    gains = np.where(found, 1.0 / np.log2(np.where(found, r, 0) + 2.0), 0.0)
+    for k in ks_ndcg:
+        out[f"NDCG@{k}"] = float(np.mean(np.where(found & (r < k), gains, 0.0)))
+    return out
+
+
+def rank_among_candidates(scores: np.ndarray, true_index: int = 0) -> int:
+    """Rank of candidate ``true_index`` by score (ties counted against it: pessimistic)."""
+    s = np.asarray(scores, dtype=float)
+    t = s[true_index]
+    return int((s > t).sum() + (np.delete(s, true_index) == t).sum())
+
+
+def rating_metrics(predicted, truth) -> dict:
+    """RMSE and MAE over the parseable predictions; ``unparseable`` counts the None ones."""
+    pairs = [(p, t) for p, t in zip(predicted, truth) if p is not None]
+    out = {"n": len(predicted), "unparseable": len(predicted) - len(pairs)}
+    if pairs:
+        p, t = np.array(pairs, dtype=float).T
+        out["RMSE"] = float(math.sqrt(np.mean((p - t) ** 2)))
+        out["MAE"] = float(np.mean(np.abs(p - t)))
+    else:
+        out["RMSE"] = out["MAE"] = float("nan")
+    return out
+
+
+def text_metrics(predicted: list[str], references: list[str]) -> dict:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if not predicted:
+        return {}
+    preds = [p or "" for p in predicted]
+    bleu = sacrebleu.corpus_bleu(preds, [list(references)]).score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    agg = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for p, r in zip(preds, references):
+        s = scorer.score(r, p)
+        for key in agg:
+            agg[key] += s[key].fmeasure
+    n = len(preds)
+    return {"BLEU-4": float(bleu), "ROUGE-1": 100 * agg["rouge1"] / n, "ROUGE-2": 100 * agg["rouge2"] / n,
+            "ROUGE-L": 100 * agg["rougeL"] / n}
