@@ -5,7 +5,7 @@ import os
 
 
 def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Use the running Ray if there is one (a job, `ray start`, or RAY_ADDRESS), else start a local one."""
+    """Use the running Ray if there is one (RAY_ADDRESS, a job, or `ray start` here), else start a local one."""
     import logging
 
     import ray
@@ -21,10 +21,18 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     os.environ.setdefault("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY", "hash_shuffle")
     kwargs = {"log_to_driver": not quiet, "configure_logging": True, "logging_level": "WARNING"}
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    if os.environ.get("RAY_ADDRESS"):
+    # Train V2 tees a worker's print() into its logger as well, so each progress line showed twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if os.environ.get("RAY_ADDRESS"):  # a job on a cluster, or an explicit address
         ray.init(**kwargs)
         return
-    try:  # a cluster started with `ray start` on this machine
-        ray.init(address="auto", **kwargs)
-    except ConnectionError:
+    # with no address Ray follows the last `ray start` on this machine, else starts a local Ray; it
+    # never attaches to another process's private local Ray (as address="auto" would)
+    try:
+        ray.init(**kwargs, **({"num_cpus": num_cpus} if num_cpus else {}))
+    except ValueError as e:  # it found a `ray start` cluster, which has its own resources
+        if "must not be provided" not in str(e):
+            raise
+        ray.init(**kwargs)
+    except ConnectionError:  # the last `ray start` cluster is gone
         ray.init(address="local", num_cpus=num_cpus, **kwargs)

@@ -1,0 +1,367 @@
+"""recflm serve end to end over HTTP: a real Serve application on a free loopback port, serving the
+tiny bundle. Every endpoint, a table of bad requests, the metrics on Ray's export port, a replica
+killed under load, a rollout of a second bundle under load, and bearer-token auth."""
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from recflm.serve import ServeConfig, run
+
+pytestmark = pytest.mark.integration
+
+APP = "recflm-test"
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _config(bundle, **kw) -> ServeConfig:
+    base = dict(bundle=str(bundle), name=APP, host="127.0.0.1", port=_free_port(), num_cpus=0.25, api_cpus=0.1,
+                threads=1, beams=10, default_k=5, max_history=30, max_body_bytes=4096, max_batch_size=8,
+                max_ongoing_requests=16, target_ongoing_requests=4, min_replicas=1, max_replicas=2,
+                upscale_delay_s=30, explain_tokens=8, explain_beams=2, auth_token_env="")
+    return ServeConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tiny_bundle):
+    from ray import serve
+
+    bundle, _ = tiny_bundle
+    cfg = _config(bundle)
+    url = run(cfg, log=lambda *a: None)
+    catalog = pd.read_parquet(Path(bundle) / "items.parquet")
+    with httpx.Client(base_url=url, timeout=60) as client:
+        info = client.get("/v1/model").json()
+        yield {"url": url, "cfg": cfg, "client": client, "catalog": catalog, "info": info, "bundle": Path(bundle),
+               "metrics_port": ray_session["metrics_port"]}
+    serve.delete(APP)
+
+
+def test_serve_yaml_is_a_valid_serve_config_and_drives_the_app():
+    """jobs/serve.yaml: what `serve deploy` and a RayService's serveConfigV2 accept, and what
+    `recflm serve --config` and `python -m jobs.deploy` read."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from recflm.config import ConfigError
+    from recflm.serve import app_builder, check_config, load_serve_config
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "serve.yaml"
+    doc = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(doc)
+    app = schema.applications[0]
+    assert app.import_path == "recflm.serve:app_builder" and "bundle" in app.args
+    cfg = load_serve_config(str(path), ["max_replicas=3"])
+    assert cfg.bundle == app.args["bundle"] and cfg.port == doc["http_options"]["port"] and cfg.max_replicas == 3
+    assert app_builder(app.args) is not None  # builds without Ray running
+    with pytest.raises(ConfigError, match="max_ongoing_requests=4 must be >= max_batch_size=16"):
+        check_config(ServeConfig(max_ongoing_requests=4, target_ongoing_requests=2))
+    with pytest.raises(ConfigError, match="unknown config key nope"):
+        load_serve_config(str(path), ["nope=1"])
+
+
+def _known_user(served):
+    from recflm.dataset import PreparedData
+
+    data = PreparedData.open(served["info"]["manifest"]["data"]["path"])
+    seqs = data.sequences_pandas(columns=["user", "index", "n_train"])
+    user, index, n = seqs.iloc[0]
+    return str(user), [int(i) for i in index[:int(n)]]
+
+
+def test_endpoints(served):
+    from recflm.bundle import load_bundle
+    from recflm.generate import CatalogTrie, ConstrainedBeamSearch
+    from recflm.prompts import load_templates
+
+    c, catalog = served["client"], served["catalog"]
+    assert c.get("/v1/health").json()["status"] == "ok"
+    info = served["info"]
+    assert info["manifest"] == json.loads((served["bundle"] / "manifest.json").read_text())
+    assert info["items"] == len(catalog) and info["known_users"] > 0 and info["auth"] is False
+    schema = c.get("/openapi.json").json()
+    assert {"/v1/recommend", "/v1/rating", "/v1/explain", "/v1/items/{item}", "/v1/model", "/v1/health"} <= \
+        set(schema["paths"])
+    assert schema["components"]["schemas"]["RecommendRequest"]["properties"]["k"]["maximum"] == 10
+
+    # a known user: its training history from the dataset, seen items excluded, catalog items only
+    user, hist = _known_user(served)
+    r = c.post("/v1/recommend", json={"user": user, "k": 5})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["known_user"] and out["history_source"] == "training data" and out["history_length"] == len(hist)
+    assert [it["rank"] for it in out["items"]] == [1, 2, 3, 4, 5]
+    keys = set(catalog["item"])
+    got = [it["index"] for it in out["items"]]
+    assert all(it["item"] in keys for it in out["items"]) and not set(got) & set(hist)
+    # the same answer as the constrained search run here on the prompt evaluate would render
+    b = load_bundle(served["bundle"])
+    ids = list(b.catalog.sort_values("index")["id_text"])
+    temp = next(t for t in load_templates(b.templates_dir)["sequential"] if not t.held_out)
+    prompt, _ = temp.render({"user": user, "history": ", ".join(ids[i] for i in hist[-20:]), "item": ""})
+    items, _ = ConstrainedBeamSearch(b.model, CatalogTrie.from_catalog(b.tokenizer, ids)).search(
+        b.tokenizer.encode_batch([prompt], 256), beams=10, k=5, exclude=[hist])
+    assert got == items[0].tolist()
+
+    # a user never seen in training, from its history alone; k and exclusion honoured
+    history = [str(k) for k in catalog.sort_values("index")["item"][:4]]
+    r = c.post("/v1/recommend", json={"user": "brand-new", "history": history, "k": 3})
+    out = r.json()
+    assert r.status_code == 200 and not out["known_user"] and out["history_source"] == "request"
+    assert len(out["items"]) == 3 and not {it["item"] for it in out["items"]} & set(history)
+    r = c.post("/v1/recommend", json={"history": history, "k": 10, "exclude_seen": False})
+    assert r.status_code == 200 and len(r.json()["items"]) == 10
+
+    item = out["items"][0]["item"]
+    r = c.post("/v1/rating", json={"user": user, "item": item})
+    assert r.status_code == 200, r.text
+    rating = r.json()
+    lo, hi = rating["scale"]
+    # the tiny model is barely trained: either a number on the scale or a clear parse error, never a crash
+    assert (rating["rating"] is not None and lo <= rating["rating"] <= hi) or \
+        (rating["rating"] is None and "not a number" in rating["parse_error"])
+    r = c.post("/v1/explain", json={"user": "brand-new", "item": item})
+    assert r.status_code == 200 and isinstance(r.json()["explanation"], str) and not r.json()["known_user"]
+    r = c.get(f"/v1/items/{item}")
+    row = catalog[catalog["item"] == item].iloc[0]
+    assert r.status_code == 200 and r.json()["index"] == int(row["index"]) and r.json()["id"] == row["id_text"]
+    assert r.json().get("title") == row["title"]
+
+
+def test_auth_off_is_logged(served):
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs" / "serve"
+    text = "".join(p.read_text(errors="replace") for p in logs.glob("replica_*Api*.log"))
+    assert "authentication is OFF" in text
+
+
+def _chunks(data: bytes):
+    for i in range(0, len(data), 1000):
+        yield data[i:i + 1000]
+
+
+def test_bad_requests(served):
+    c, catalog = served["client"], served["catalog"]
+    user, _ = _known_user(served)
+    items = [str(k) for k in catalog["item"]]
+    item = items[0]
+    big = json.dumps({"user": user, "pad": "x" * 5000}).encode()
+    cases = [  # (method, path, json body or raw bytes, headers, status, reason, words in the message)
+        ("POST", "/v1/recommend", {"history": [item, "nope:1", "nope:2"]}, {}, 422, "unknown_item", ["history", "'nope:1'", "'nope:2'"]),
+        ("POST", "/v1/recommend", {"user": user, "k": 0}, {}, 422, "out_of_range", ["k", "greater than or equal to 1"]),
+        ("POST", "/v1/recommend", {"user": user, "k": 11}, {}, 422, "out_of_range", ["k", "less than or equal to 10"]),
+        ("POST", "/v1/recommend", {"history": items[:31]}, {}, 422, "too_long", ["history", "at most 30"]),
+        ("POST", "/v1/recommend", {"history": []}, {}, 422, "too_short", ["history"]),
+        ("POST", "/v1/recommend", b'{"user": "ml:1", ', {}, 400, "malformed_json", ["body", "JSON"]),
+        ("POST", "/v1/recommend", b"\xff\xfe\x00", {}, 400, "malformed_json", ["body"]),
+        ("POST", "/v1/recommend", big, {}, 413, "body_too_large", ["body", "4096"]),
+        ("POST", "/v1/recommend", _chunks(big), {}, 413, "body_too_large", ["body", "4096"]),
+        ("POST", "/v1/recommend", {"user": user, "k": "10"}, {}, 422, "wrong_type", ["k", "integer", "'10'"]),
+        ("POST", "/v1/recommend", {"user": user, "k": 2.5}, {}, 422, "wrong_type", ["k", "integer"]),
+        ("POST", "/v1/recommend", {"user": 5}, {}, 422, "wrong_type", ["user", "string"]),
+        ("POST", "/v1/recommend", {"history": item}, {}, 422, "wrong_type", ["history", "list"]),
+        ("POST", "/v1/recommend", {"user": user, "exclude_seen": "yes"}, {}, 422, "wrong_type", ["exclude_seen"]),
+        ("POST", "/v1/recommend", [user], {}, 422, "wrong_type", ["body"]),
+        ("POST", "/v1/recommend", {"user": "never-seen-user"}, {}, 422, "unknown_user", ["user", "'never-seen-user'", "history"]),
+        ("POST", "/v1/recommend", {}, {}, 422, "missing_field", ["user", "history"]),
+        ("POST", "/v1/recommend", {"user": user, "kk": 3}, {}, 422, "unknown_field", ["kk"]),
+        ("POST", "/v1/recommend", b'{"user": "x"}', {"content-type": "text/plain"}, 415, "unsupported_media_type", ["content-type", "application/json"]),
+        ("POST", "/v1/rating", {"user": user}, {}, 422, "missing_field", ["item", "required"]),
+        ("POST", "/v1/rating", {"user": user, "item": "nope:9"}, {}, 422, "unknown_item", ["item", "'nope:9'"]),
+        ("POST", "/v1/explain", {"user": "", "item": item}, {}, 422, "too_short", ["user"]),
+        ("POST", "/v1/explain", {"user": "u" * 201, "item": item}, {}, 422, "too_long", ["user", "200"]),
+        ("GET", "/v1/items/nope:7", None, {}, 404, "unknown_item", ["item", "'nope:7'"]),
+        ("GET", "/v1/recommend", None, {}, 405, "method_not_allowed", ["/v1/recommend"]),
+        ("GET", "/v1/nothing-here", None, {}, 404, "not_found", ["/v1/nothing-here"]),
+    ]
+    assert len(cases) >= 15
+    for method, path, body, headers, status, reason, words in cases:
+        kw = {"headers": headers}
+        if isinstance(body, (dict, list)):
+            kw["json"] = body
+        elif body is not None:
+            kw["content"] = body
+            kw["headers"] = {"content-type": "application/json", **headers}
+        r = c.request(method, path, **kw)
+        assert r.status_code == status, (method, path, r.status_code, r.text)
+        out = r.json()
+        assert out["error"] == reason, (path, body, out)
+        for w in words:
+            assert w in out["message"], (path, w, out)
+    # nothing above crashed anything: the service still answers
+    assert c.get("/v1/health").status_code == 200
+    assert c.post("/v1/recommend", json={"user": user, "k": 2}).status_code == 200
+
+
+def _scrape(port: int) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _value(m: dict, name: str, **labels) -> float:
+    return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == str(x) for k, x in labels.items()))
+
+
+def test_metrics(served):
+    c = served["client"]
+    user, _ = _known_user(served)
+    for _ in range(3):
+        assert c.post("/v1/recommend", json={"user": user, "k": 4}).status_code == 200
+    assert c.post("/v1/recommend", json={"history": ["nope:1"]}).status_code == 422
+    want = {  # name -> labels that must be on a sample with a positive value
+        "ray_recflm_requests_total": {"endpoint": "/v1/recommend", "status": "200", "application": APP},
+        "ray_recflm_invalid_requests_total": {"endpoint": "/v1/recommend", "reason": "unknown_item"},
+        "ray_recflm_items_returned_total": {"endpoint": "/v1/recommend"},
+        "ray_recflm_request_latency_ms_count": {"endpoint": "/v1/recommend"},
+        "ray_recflm_batch_size_count": {"task": "recommend", "deployment": "Recommender"},
+        "ray_recflm_model_info": {"bundle": str(served["bundle"].resolve()),
+                                  "model_version": served["info"]["model_version"]},
+        "ray_serve_num_http_requests_total": {"application": APP},
+    }
+    deadline = time.time() + 40
+    while True:
+        m = _scrape(served["metrics_port"])
+        missing = [n for n, lab in want.items() if _value(m, n, **lab) <= 0]
+        if not missing or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, f"metrics not exported: {missing}"
+    assert _value(m, "ray_recflm_items_returned_total", endpoint="/v1/recommend") >= 12
+    assert _value(m, "ray_recflm_requests_total", endpoint="/v1/recommend", status="422") >= 1
+    assert any(lab.get("le") == "+Inf" for lab, _ in m["ray_recflm_batch_size_bucket"])
+
+
+def _stream(url: str, body: dict, stop: threading.Event, results: list, headers=None):
+    with httpx.Client(base_url=url, timeout=60, headers=headers or {}) as c:
+        while not stop.is_set():
+            try:
+                r = c.post("/v1/recommend", json=body)
+                results.append((time.time(), r.status_code, r.json().get("model_version")))
+            except httpx.HTTPError as e:
+                results.append((time.time(), -1, type(e).__name__))
+
+
+def _replicas(deployment: str) -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{APP}#{deployment}#"))
+
+
+def test_replica_killed_under_load(served):
+    import ray
+
+    user, _ = _known_user(served)
+    before = _replicas("Recommender")
+    assert before
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_stream, args=(served["url"], {"user": user, "k": 3}, stop, results))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    killed_at = time.time()
+    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and (before[0] in _replicas("Recommender") or not _replicas("Recommender")
+                                      or not [r for r in results if r[0] > killed_at + 1 and r[1] == 200]):
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    after = _replicas("Recommender")
+    assert before[0] not in after and after, (before, after)
+    codes = [r[1] for r in results]
+    assert codes.count(200) > 10
+    # a lost replica is retried on another one or answered 503 (retry later), never a 500 or a hang
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    # the service recovered: everything after the replacement succeeded, and so do new requests
+    assert all(code == 200 for ts, code, _ in results[-5:])
+    assert served["client"].post("/v1/recommend", json={"user": user}).status_code == 200
+
+
+def test_rollout_of_a_second_bundle_without_failed_requests(served, tmp_path):
+    from recflm.serve import ModelState  # noqa: F401  (import check: the module the replicas load)
+
+    second = tmp_path / "second"
+    shutil.copytree(served["bundle"], second)
+    manifest = json.loads((second / "manifest.json").read_text())
+    (second / "manifest.json").write_text(json.dumps({**manifest, "rollout": "second bundle"}))
+    user, _ = _known_user(served)
+    old_version = served["info"]["model_version"]
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_stream, args=(served["url"], {"user": user, "k": 3}, stop, results))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    cfg = served["cfg"]
+    run(ServeConfig(**{**cfg.__dict__, "bundle": str(second)}), log=lambda *a: None)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    codes = [r[1] for r in results]
+    versions = [r[2] for r in results]
+    assert codes and set(codes) == {200}, sorted(set(codes))
+    info = served["client"].get("/v1/model").json()
+    assert info["bundle"] == str(second.resolve()) and info["model_version"] != old_version
+    assert old_version in versions and versions[-1] == info["model_version"]
+
+
+def test_reconfigure_swaps_bundles_in_place(served, tmp_path):
+    """The path `serve deploy` takes when only the bundle changes: user_config -> reconfigure."""
+    from recflm.serve import Recommender
+
+    second = tmp_path / "b2"
+    shutil.copytree(served["bundle"], second)
+    (second / "manifest.json").write_text(json.dumps({**served["info"]["manifest"], "rollout": "in place"}))
+    r = Recommender({**served["cfg"].__dict__})
+    r.reconfigure({"bundle": str(served["bundle"]), "data": ""})
+    first = r.info()["model_version"]
+    r.reconfigure({"bundle": str(second), "data": ""})
+    assert r.info()["model_version"] != first and r.info()["bundle"] == str(second.resolve())
+    # the swapped-in state answers (the batched call itself needs a Serve replica: covered over HTTP)
+    found = r._search([(r.state, "Here is the history of user_x: 1, 2. What to recommend next?", {0}, 3)])
+    assert len(found[0]) == 3 and all(0 < i < len(r.state.ids) for i, _ in found[0])
+
+
+def test_auth(served, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    cfg = served["cfg"]
+    run(ServeConfig(**{**cfg.__dict__, "auth_token_file": str(token)}), log=lambda *a: None)
+    c = served["client"]
+    user, _ = _known_user(served)
+    body = {"user": user, "k": 2}
+    r = c.post("/v1/recommend", json=body)
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized" and "Bearer" in r.json()["message"]
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = c.post("/v1/recommend", json=body, headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "wrong bearer token" in r.json()["message"]
+    assert c.get("/v1/model").status_code == 401
+    ok = {"authorization": "Bearer s3cret-token"}
+    assert c.post("/v1/recommend", json=body, headers=ok).status_code == 200
+    assert c.get("/v1/model", headers=ok).json()["auth"] is True
+    assert c.get("/v1/health").status_code == 200  # probes need no token

@@ -1,0 +1,319 @@
+"""The cluster files: ``cluster.yaml`` against the schema that ships inside Ray, the KubeRay manifests
+in ``k8s/`` (they parse, their Ray version is the one the project pins, the RayService's Serve config
+is jobs/serve.yaml's and validates with Ray Serve's own schema, every job entrypoint names a module
+and a config that exist and load), and the example cluster configs in ``jobs/configs/``.
+
+No Kubernetes here: the checks are structural, and cross-check the files against each other.
+"""
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+SHARED = "/mnt/recflm"  # the shared volume of cluster.yaml and k8s/
+
+
+def _pyproject() -> str:
+    return (ROOT / "pyproject.toml").read_text()
+
+
+def ray_pin() -> str:
+    m = re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', _pyproject())
+    assert m, "pyproject.toml pins no ray version"
+    return m.group(1)
+
+
+def project_version() -> str:
+    return re.search(r'^version = "([^"]+)"', _pyproject(), re.M).group(1)
+
+
+def k8s_docs() -> dict[str, list[dict]]:
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in sorted(K8S.glob("*.yaml"))}
+
+
+def by_kind(kind: str) -> list[dict]:
+    return [d for docs in k8s_docs().values() for d in docs if d.get("kind") == kind]
+
+
+def ray_cluster_specs() -> list[tuple[str, dict]]:
+    """Every Ray cluster spec in k8s/: RayClusters, the RayService's, any RayJob's own."""
+    specs = [(f"RayCluster {d['metadata']['name']}", d["spec"]) for d in by_kind("RayCluster")]
+    specs += [(f"RayService {d['metadata']['name']}", d["spec"]["rayClusterConfig"]) for d in by_kind("RayService")]
+    specs += [(f"RayJob {d['metadata']['name']}", d["spec"]["rayClusterSpec"]) for d in by_kind("RayJob")
+              if "rayClusterSpec" in d["spec"]]
+    return specs
+
+
+def pod_templates(spec: dict) -> list[tuple[str, dict]]:
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    return [(name, g["template"]) for name, g in groups]
+
+
+def containers(spec: dict) -> list[dict]:
+    return [c for _, t in pod_templates(spec) for c in t["spec"]["containers"]]
+
+
+def recflm_image() -> str:
+    return f"recflm:{project_version()}-ray{ray_pin()}"
+
+
+# ----------------------------------------------------------------------------- cluster.yaml
+def _ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def _validate_launcher_config(config: dict) -> None:
+    """Ray's own checks: the JSON schema, then the launcher's defaults and cross-checks."""
+    import jsonschema
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    jsonschema.validate(config, _ray_schema())
+    validate_config(fillout_defaults(copy.deepcopy(config)))
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    _validate_launcher_config(config)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
+    assert head["resources"] == {"CPU": 0}  # job drivers and the control plane only
+    cpu = [k for k, v in workers.items() if not v["resources"].get("GPU")]
+    gpu = [k for k, v in workers.items() if v["resources"].get("GPU", 0) >= 1]
+    assert cpu and gpu, "needs a CPU worker group (data) and a GPU worker group (training, serving)"
+    for v in workers.values():  # autoscaling bounds
+        assert 0 <= v["min_workers"] <= v["max_workers"]
+    assert config["max_workers"] == sum(v["max_workers"] for v in workers.values())
+    # the image has the pinned Ray; the setup installs the project that file_mounts syncs
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray_pin()}-")
+    (remote, local), = config["file_mounts"].items()
+    assert local == "." and any("pip install" in c and f"-e {remote}" in c for c in config["setup_commands"])
+    assert any(f"-v {SHARED}:{SHARED}" in o for o in config["docker"]["run_options"])
+
+
+def test_cluster_yaml_local_variant_validates():
+    """The commented local/on-prem variant, uncommented over the cloud config, is valid too."""
+    text = (ROOT / "cluster.yaml").read_text()
+    block = text.split("local / on-prem variant", 1)[1]
+    lines = [ln[2:] for ln in block.splitlines() if ln.startswith("# ") or ln == "#"]
+    start = next(i for i, ln in enumerate(lines) if re.match(r"^[a-z_]+:", ln))
+    variant = yaml.safe_load("\n".join(lines[start:]))
+    assert variant["provider"]["type"] == "local"
+    config = {**yaml.safe_load(text), **variant}
+    _validate_launcher_config(config)
+    (node,) = variant["available_node_types"].values()
+    assert node["min_workers"] == node["max_workers"] == len(variant["provider"]["worker_ips"])
+
+
+def test_launcher_validation_rejects_a_broken_config():
+    """The validation above is not vacuous: a head type that does not exist is refused."""
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["head_node_type"] = "no_such_type"
+    with pytest.raises(ValueError, match="head_node_type"):
+        _validate_launcher_config(config)
+
+
+# ----------------------------------------------------------------------------- k8s/
+def test_k8s_manifests_parse_and_kustomization_lists_them():
+    docs = k8s_docs()
+    assert {"kustomization.yaml", "raycluster.yaml", "rayjob-pretrain.yaml", "rayjob-tune.yaml",
+            "rayservice.yaml", "podmonitor.yaml"} <= set(docs)
+    for name, ds in docs.items():
+        for d in ds:
+            assert d.get("apiVersion") and d.get("kind"), name
+            if d["kind"] != "Kustomization":
+                assert d["metadata"]["name"], name
+    kust = docs["kustomization.yaml"][0]
+    for r in kust["resources"]:
+        assert (K8S / r).is_file(), f"kustomization lists {r}, which does not exist"
+    for g in kust.get("configMapGenerator", []):
+        for f in g["files"]:
+            path = K8S / f.split("=")[-1]
+            assert path.is_file(), f
+            if path.suffix == ".json":  # a Grafana dashboard
+                assert json.loads(path.read_text())["panels"], f
+    # every manifest is in the kustomization, except the RayJobs (one-off runs, created on their own),
+    # and those land in the kustomization's namespace
+    jobs = {n for n, ds in docs.items() if any(d["kind"] == "RayJob" for d in ds)}
+    assert set(docs) - {"kustomization.yaml"} - jobs == set(kust["resources"])
+    assert all(d["metadata"]["namespace"] == kust["namespace"] for d in by_kind("RayJob"))
+    assert all(d["apiVersion"] == "ray.io/v1" for k in ("RayCluster", "RayJob", "RayService") for d in by_kind(k))
+
+
+def test_ray_version_and_images_match_the_pin():
+    import ray
+
+    pin = ray_pin()
+    assert ray.__version__ == pin, "the installed Ray is not the one pyproject.toml pins"
+    specs = ray_cluster_specs()
+    assert specs
+    for what, spec in specs:
+        assert spec["rayVersion"] == pin, what
+        for c in containers(spec):
+            assert c["image"] == recflm_image(), (what, c["image"])
+    # the image is built from Ray's image of the same version, and the kustomization tags it so
+    dockerfile = (K8S / "Dockerfile").read_text()
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(pin)}-py3\d+(-gpu)?$", dockerfile, re.M)
+    assert f"-t {recflm_image()} " in dockerfile
+    (img,) = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
+    assert f"{img['name']}:{img['newTag']}" == recflm_image()
+
+
+def test_raycluster_autoscales_cpu_and_gpu_groups():
+    (cluster,) = by_kind("RayCluster")
+    spec = cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = spec["workerGroupSpecs"]
+    for g in groups:
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+    gpu = [g for g in groups if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu and len(gpu) < len(groups)
+    for _, spec_ in ray_cluster_specs():
+        for c in containers(spec_):
+            res = c["resources"]
+            assert res["requests"] == res["limits"], c["name"]  # KubeRay: requests = limits
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert SHARED in mounts, c["name"]
+
+
+def test_podmonitors_scrape_ports_the_ray_pods_expose():
+    monitors = {m["metadata"]["name"]: m for m in by_kind("PodMonitor")}
+    node_types = set()
+    for m in monitors.values():
+        assert m["metadata"]["labels"]["release"] == "prometheus"
+        sel = m["spec"]["selector"]["matchLabels"]
+        node_types.add(sel["ray.io/node-type"])
+        for ep in m["spec"]["podMetricsEndpoints"]:
+            assert any(r.get("targetLabel") == "ray_io_cluster" and
+                       r["sourceLabels"] == ["__meta_kubernetes_pod_label_ray_io_cluster"] for r in ep["relabelings"])
+        # every pod it selects (KubeRay adds ray.io/node-type) exposes every port it scrapes
+        selected = 0
+        for _, spec in ray_cluster_specs():
+            for group, tmpl in pod_templates(spec):
+                labels = {**tmpl.get("metadata", {}).get("labels", {}),
+                          "ray.io/node-type": "head" if group == "head" else "worker"}
+                if all(labels.get(k) == v for k, v in sel.items()):
+                    selected += 1
+                    ports = {p["name"]: p["containerPort"] for c in tmpl["spec"]["containers"] for p in c.get("ports", [])}
+                    for ep in m["spec"]["podMetricsEndpoints"]:
+                        assert ep["port"] in ports, (m["metadata"]["name"], group)
+                    assert ports["metrics"] == 8080
+        assert selected, f"{m['metadata']['name']} selects no Ray pod"
+    assert node_types == {"head", "worker"}
+    # the metrics agent listens where the PodMonitors look
+    for _, spec in ray_cluster_specs():
+        groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+        assert all(g["rayStartParams"]["metrics-export-port"] == "8080" for g in groups)
+
+
+def test_rayservice_serves_jobs_serve_yaml_and_validates():
+    from ray.serve.schema import ServeDeploySchema
+
+    (service,) = by_kind("RayService")
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    local = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
+    ServeDeploySchema.model_validate(embedded)
+    # the same config, except that the bundle lives on the shared volume of the service's pods
+    mounts = {m["mountPath"] for c in containers(service["spec"]["rayClusterConfig"])
+              for m in c.get("volumeMounts", [])}
+    for app in embedded["applications"]:
+        assert Path(app["args"]["bundle"]).is_absolute()
+        assert any(app["args"]["bundle"].startswith(m + "/") for m in mounts), app["args"]["bundle"]
+    same = copy.deepcopy(embedded)
+    for app, local_app in zip(same["applications"], local["applications"]):
+        app["args"]["bundle"] = local_app["args"]["bundle"]
+    assert same == local, "k8s/rayservice.yaml's serveConfigV2 differs from jobs/serve.yaml"
+    for app in embedded["applications"]:  # the application's module is part of the image
+        module = app["import_path"].split(":")[0]
+        assert (ROOT / "platform" / (module.replace(".", "/") + ".py")).is_file(), module
+    # Serve's HTTP port is exposed by the pods
+    ports = {p["containerPort"] for c in containers(service["spec"]["rayClusterConfig"]) for p in c.get("ports", [])}
+    assert embedded["http_options"]["port"] in ports
+
+
+def test_serve_schema_check_is_not_vacuous():
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    (service,) = by_kind("RayService")
+    bad = yaml.safe_load(service["spec"]["serveConfigV2"])
+    bad["http_options"]["port"] = "eight thousand"
+    with pytest.raises(ValidationError):
+        ServeDeploySchema.model_validate(bad)
+
+
+# ----------------------------------------------------------------------------- entrypoints and configs
+def _config_class(stage: str):
+    from recflm.config import PrepareConfig
+    from recflm.evaluate import EvalConfig
+    from recflm.train import TrainConfig
+    from recflm.tune import TuneConfig
+
+    return {"prepare": PrepareConfig, "pretrain": TrainConfig, "finetune": TrainConfig,
+            "evaluate": EvalConfig, "tune": TuneConfig}[stage]
+
+
+def _check_entrypoint(entrypoint: str):
+    """``python -m jobs.X ...``: jobs/X.py exists, and recflm's own parser and config loader accept the rest."""
+    from recflm.cli import build_parser
+    from recflm.config import load_config
+
+    argv = shlex.split(entrypoint)
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."), entrypoint
+    stage = argv[2].split(".", 1)[1]
+    assert (ROOT / "jobs" / f"{stage}.py").is_file(), f"{entrypoint}: no module jobs/{stage}.py"
+    args = build_parser().parse_args([stage, *argv[3:]])
+    if args.config:
+        assert (ROOT / args.config).is_file(), f"{entrypoint}: no config {args.config}"
+    return load_config(_config_class(stage), ROOT / args.config if args.config else None, args.overrides)
+
+
+def test_rayjob_entrypoints_name_existing_modules_and_configs():
+    jobs = by_kind("RayJob")
+    assert {j["metadata"]["name"] for j in jobs} >= {"recflm-pretrain", "recflm-tune"}
+    for job in jobs:
+        cfg = _check_entrypoint(job["spec"]["entrypoint"])
+        # they run on the recflm RayCluster, from the project directory of the image, with platform/ on the path
+        (cluster,) = by_kind("RayCluster")
+        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+        env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+        assert env["env_vars"]["PYTHONPATH"].split(":")[0] == "platform"
+        assert f"WORKDIR {env['working_dir']}" in (K8S / "Dockerfile").read_text()
+        for key in ("data", "out", "storage_path", "bundle"):  # everything the nodes share is on the volume
+            if getattr(cfg, key, ""):
+                assert getattr(cfg, key).startswith(SHARED + "/"), (job["metadata"]["name"], key)
+
+
+def test_entrypoint_check_is_not_vacuous():
+    with pytest.raises(AssertionError, match="no module"):
+        _check_entrypoint("python -m jobs.no_such_stage")
+    with pytest.raises(AssertionError, match="no config"):
+        _check_entrypoint("python -m jobs.pretrain --config jobs/configs/no_such.yaml")
+
+
+@pytest.mark.parametrize("stage", ["prepare", "pretrain", "evaluate"])
+def test_cluster_configs_load_and_fit_the_clusters(stage):
+    from recflm.config import load_config
+
+    cfg = load_config(_config_class(stage), ROOT / "jobs" / "configs" / f"{stage}_cluster.yaml")
+    paths = [getattr(cfg, k) for k in ("data", "out", "storage_path", "bundle") if getattr(cfg, k, "")]
+    paths += [s["path"] for s in getattr(cfg, "sources", [])]
+    assert paths and all(p.startswith(SHARED + "/") for p in paths), paths
+    if stage == "pretrain":
+        # one GPU per worker, and the GPU groups of cluster.yaml and k8s/ hold every worker
+        assert cfg.gpu and cfg.workers > 1
+        launcher = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"]
+        assert sum(v.get("max_workers", 0) * v["resources"].get("GPU", 0) for v in launcher.values()) >= cfg.workers
+        (cluster,) = by_kind("RayCluster")
+        gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                          .get("nvidia.com/gpu", 0)) for g in cluster["spec"]["workerGroupSpecs"])
+        assert gpus >= cfg.workers
