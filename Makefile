@@ -1,4 +1,6 @@
-# make demo: set up everything and run the pipeline on the bundled MovieLens data.
+# make demo: set up everything and run the pipeline on the bundled MovieLens data:
+#            prepare -> pretrain (mini preset, 1 epoch) -> evaluate with baselines -> serve a few answers.
+#            `make demo TUNE=1` also runs a small tuning sweep from the pretrained bundle.
 # make test: set up everything and run the test suite.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +10,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS ?= 0
 export RAY_DATA_DEFAULT_SHUFFLE_STRATEGY ?= hash_shuffle
 
-.PHONY: demo test venv clean bench-prepare
+.PHONY: demo test venv clean serve bench-prepare bench-train bench-decode bench-serve bench-tune
 
 venv: $(STAMP)
 
@@ -19,14 +21,38 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $(STAMP)
 
+DEMO ?= runs/demo
+TUNE ?= 0
+
 demo: $(STAMP)
-	$(VENV)/bin/recflm prepare --config jobs/configs/prepare_laptop.yaml out=runs/demo/data --preview 1
+	$(VENV)/bin/recflm prepare --config jobs/configs/prepare_laptop.yaml out=$(DEMO)/data --skip-existing --preview 1
+	$(VENV)/bin/recflm pretrain --config jobs/configs/pretrain_laptop.yaml data=$(DEMO)/data out=$(DEMO)/bundle
+	$(VENV)/bin/recflm evaluate --bundle $(DEMO)/bundle --baselines
+ifeq ($(TUNE),1)
+	$(VENV)/bin/recflm tune --config jobs/configs/tune_laptop.yaml bundle=$(DEMO)/bundle data=$(DEMO)/data
+endif
+	$(VENV)/bin/recflm serve --bundle $(DEMO)/bundle --port 0 --demo
+
+serve: $(STAMP)
+	$(VENV)/bin/recflm serve --bundle $(DEMO)/bundle
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench-prepare: $(STAMP)
 	$(PY) -m jobs.bench_prepare
+
+bench-train: $(STAMP)
+	$(PY) -m jobs.bench_train
+
+bench-decode: $(STAMP)
+	$(PY) -m jobs.bench_decode --bundle $(DEMO)/bundle
+
+bench-serve: $(STAMP)
+	$(PY) -m jobs.bench_serve
+
+bench-tune: $(STAMP)
+	$(PY) -m jobs.bench_tune
 
 clean:
 	rm -rf runs $(VENV)

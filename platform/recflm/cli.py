@@ -6,9 +6,13 @@ the same config drives the local command, ``python -m jobs.<stage>`` and a Kuber
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .config import ConfigError, PrepareConfig, SourceConfig, load_config, to_dict
+
+
+PLUGGED_STAGES = ("tune", "serve", "submit")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -73,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, help="model replicas in the Ray Data actor pool")
     p.add_argument("--max-users", type=int, help="evaluate the first N users only (0: all)")
     p.set_defaults(func=cmd_evaluate)
+
+    # stages whose module defines HELP, add_arguments(parser) and command(args) -> int (and
+    # COMMON_ARGS = False where it defines its own positionals); the modules import Ray, torch etc.
+    # inside their functions, so building the parser stays fast
+    for name in PLUGGED_STAGES:
+        mod = importlib.import_module(f"{__package__}.{name}")
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP + ".")
+        if getattr(mod, "COMMON_ARGS", True):
+            _add_common(p)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.command)
     return parser
 
 

@@ -5,14 +5,22 @@ example stream (every epoch re-drawn, see augment.py) and runs a ``TorchTrainer`
 CPU and NCCL on GPU. Each worker streams its shard with ``get_dataset_shard``, trains with AdamW,
 linear warm-up and decay, clipping and accumulation (bf16 autocast on GPU), reports loss per task
 family, learning rate, samples/s and tokens/s, checkpoints every ``checkpoint_every`` steps (model,
-optimizer, scheduler, step = data position) and, at each epoch end, validation loss and a cheap
-ranking metric (HR@10 of the next item among 100 candidates, teacher-forced scores).
+optimizer, scheduler, step = data position) and, at each epoch end, validation loss and cheap
+ranking metrics on a few fixed validation users (``val_users``): HR@10 of the next item among 100
+candidates (teacher-forced scores) and NDCG@10 / HR@10 over the whole catalog (constrained beam
+search, the user's items excluded): ``val_ndcg10`` is what tuning sweeps stop and select on.
+
+Fine-tune settings a sweep searches (lr, warm-up, epochs, batch size, family weights, families,
+dropout, label smoothing, ``augment.*`` / ``prompts.*`` overrides of the dataset's config) are all
+fields of ``TrainConfig``. ``run`` is ``setup`` -> ``make_trainer(...).fit()`` -> ``export_bundle``;
+``recflm tune`` calls the same three pieces inside each trial (see tune.py).
 
 A run has a name; the same command with the same name resumes it from its last checkpoint, and
 ``FailureConfig(max_failures)`` restarts a failed worker group from there. The result is a bundle.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,6 +45,7 @@ class TrainConfig:
     workers: int = 1  # 0 = Ray Train local mode (in-process, for tests)
     gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # ScalingConfig placement: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
@@ -52,12 +61,17 @@ class TrainConfig:
     family_weights: dict = field(default_factory=dict)  # family -> extra keep probability (0..1), after mixing
     mix: str = "balanced"  # balanced: no family has more than mix_cap x the largest per-user family | natural
     mix_cap: float = 2.0
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # 0: checkpoints at epoch ends only
     log_every: int = 20
     max_failures: int = 2
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    dropout: float | None = None  # model dropout_rate (None: the preset's 0.1, or the bundle's)
+    label_smoothing: float = 0.0
+    augment: dict = field(default_factory=dict)  # overrides of the dataset's augment.* settings, e.g. {crop: 0.3}
+    prompts: dict = field(default_factory=dict)  # overrides of the dataset's prompts.* settings
     val_examples: int = 256
-    val_users: int = 100
+    val_users: int = 100  # fixed validation users: HR@10 of 100 candidates and full-ranking NDCG@10 / HR@10
+    val_beams: int = 20  # beam width of the full-ranking validation (constrained to the catalog)
     shuffle_buffer: int = 2000
     seed: int = 2022
     init_bundle: str = ""  # finetune: the bundle to start from
@@ -75,6 +89,10 @@ def _family_filter(batch, weights: dict, seed: int):
     u = _row_uniforms(keys, seed, 0, "train", 1)[:, 0]
     p = batch["family"].map(lambda f: float(weights.get(f, 1.0))).to_numpy(dtype=float)
     return batch[u < p]
+
+
+def _family_counts(batch):
+    return batch["family"].value_counts().rename_axis("family").reset_index(name="count")
 
 
 PER_USER_FAMILIES = ("sequential", "direct", "span")
@@ -107,13 +125,13 @@ def _batch_tensors(tok, batch, cfg: dict, device):
     return enc, labels.to(device)
 
 
-def _example_losses(model, enc, labels):
+def _example_losses(model, enc, labels, label_smoothing: float = 0.0):
     """Mean token loss per example (so losses can be split by task family)."""
-    import torch
     import torch.nn.functional as F
 
     out = model(**enc, labels=labels)
-    logp = F.cross_entropy(out.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    logp = F.cross_entropy(out.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none",
+                           label_smoothing=label_smoothing)
     n = (labels != -100).sum(1).clamp(min=1)
     return logp.sum(1) / n, out
 
@@ -149,11 +167,33 @@ def _rank_hr10(model, tok, val_rank: list, device, batch: int = 4) -> float:
     return hits / len(val_rank)
 
 
+def _full_ranking(model, tok, trie, val_rank: list, beams: int, batch: int = 16) -> dict:
+    """NDCG@10 and HR@10 of the true next item over the whole catalog: constrained beam search,
+    the user's training items excluded (the protocol of ``recflm evaluate``, on a few users)."""
+    from .generate import ConstrainedBeamSearch
+    from .metrics import ranking_metrics, ranks_of_truth
+
+    if not val_rank:
+        return {"val_ndcg10": float("nan"), "val_hr10": float("nan")}
+    search = ConstrainedBeamSearch(model, trie)
+    lists = []
+    model.eval()
+    for i in range(0, len(val_rank), batch):
+        chunk = val_rank[i:i + batch]
+        items, _ = search.search(tok.encode_batch([ex["source"] for ex in chunk], 256), beams=beams, k=10,
+                                 exclude=[ex["exclude"] for ex in chunk])
+        lists += items.tolist()
+    model.train()
+    m = ranking_metrics(ranks_of_truth(lists, [ex["truth"] for ex in val_rank]), ks_hr=(10,), ks_ndcg=(10,))
+    return {"val_ndcg10": m["NDCG@10"], "val_hr10": m["HR@10"]}
+
+
 def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
 
+    from .generate import CatalogTrie
     from .model import RecT5, build_model
     from .tokenizer import RecTokenizer
 
@@ -161,10 +201,11 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tok = RecTokenizer.load(config["tokenizer"])
+    dropout = {} if config.get("dropout") is None else {"dropout_rate": float(config["dropout"])}
     if config.get("init_bundle"):
-        model = RecT5.from_pretrained(config["init_bundle"], use_safetensors=True)
+        model = RecT5.from_pretrained(config["init_bundle"], use_safetensors=True, **dropout)
     else:
-        model = build_model(config["preset"], tok.vocab_size, tok.pad_id, tok.eos_id)
+        model = build_model(config["preset"], tok.vocab_size, tok.pad_id, tok.eos_id, **dropout)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
@@ -197,6 +238,8 @@ def train_loop(config: dict) -> None:
     epoch, micro = 0, 0
     fail_at = config.get("fail_at_step", -1)
     fail_marker = Path(config["run_dir"]) / "injected_failure"
+    smoothing = config.get("label_smoothing", 0.0)
+    trie = CatalogTrie.from_catalog(tok, config["catalog_ids"]) if rank == 0 else None
 
     def save_and_report(metrics: dict, final: bool = False):
         history.append(metrics)
@@ -227,8 +270,11 @@ def train_loop(config: dict) -> None:
                 losses.append(l.float().cpu())
         core.train()
         vl = float(torch.cat(losses).mean()) if losses else float("nan")
-        hr = _rank_hr10(core, tok, config["val_rank"], device) if rank == 0 else float("nan")
-        return {"epoch": ep, "val_loss": vl, "val_hr10_of_100": hr}
+        m = {"epoch": ep, "epochs_done": ep + 1, "val_loss": vl}  # epochs_done: ASHA's time axis in sweeps
+        if rank != 0:  # only rank 0's metrics are kept
+            return m
+        hr = _rank_hr10(core, tok, config["val_rank"], device)
+        return {**m, "val_hr10_of_100": hr, **_full_ranking(core, tok, trie, config["val_rank"], config["val_beams"])}
 
     model.train()
     it = shard.iter_batches(batch_size=bs, batch_format="pandas", local_shuffle_buffer_size=config["shuffle_buffer"],
@@ -243,14 +289,16 @@ def train_loop(config: dict) -> None:
             m.update(step=step, lr=sched.get_last_lr()[0])
             if rank == 0:
                 print(f"[recflm] epoch {epoch} done: val_loss {m['val_loss']:.4f} "
-                      f"val HR@10/100 {m['val_hr10_of_100']:.3f}", flush=True)
+                      f"val HR@10/100 {m['val_hr10_of_100']:.3f} val NDCG@10 {m['val_ndcg10']:.3f}", flush=True)
             save_and_report(m)
             epoch = b_epoch
         enc, labels = _batch_tensors(tok, batch, config, device)
-        with autocast:
-            per_ex, _ = _example_losses(model, enc, labels)
+        # DDP all-reduces only on the last micro-batch of an accumulation
+        sync = (micro + 1) % accum == 0 or not hasattr(model, "no_sync")
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            per_ex, _ = _example_losses(model, enc, labels, smoothing)
             loss = per_ex.mean() / accum
-        loss.backward()
+            loss.backward()
         for fam, l in zip(batch["family"], per_ex.detach().float().cpu().tolist()):
             window["loss"][fam] = window["loss"].get(fam, 0.0) + l
             window["n"][fam] = window["n"].get(fam, 0) + 1
@@ -278,18 +326,26 @@ def train_loop(config: dict) -> None:
                 print(f"[recflm] step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
                       f"{m['samples_per_s']:.0f} samples/s {m['tokens_per_s']:.0f} tok/s | {fams}", flush=True)
             window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "loss": {}, "n": {}}
-            if step % config["checkpoint_every"] == 0:
+            if config["checkpoint_every"] and step % config["checkpoint_every"] == 0:
                 save_and_report(m)
         if config["max_steps"] and step >= config["max_steps"]:
             break
     m = validate(epoch)
     m.update(step=step, resumed_at=resumed_at, world_size=world)
+    if world > 1:  # the Ray node each rank ran on (rank 0 reports them)
+        import ray
+        import torch.distributed as dist
+
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        m["worker_nodes"] = nodes
     save_and_report(m, final=True)
 
 
 # ----------------------------------------------------------------------------- driver
 def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int) -> list[dict]:
-    """Validation users' next items with 99 fixed negatives, rendered with one seen template."""
+    """Validation users' prompts (one seen sequential template), their next item (``truth``), their
+    training items (``exclude``) and 99 fixed negatives (``candidates[1:]``)."""
     from .augment import _negatives
     from .prompts import load_templates
 
@@ -303,36 +359,60 @@ def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int) -> list[dict
         hist = list(seq[max(0, n_train - cfg.prompts.max_history):n_train])
         src, tgt = temp.render({"user": user, "history": ", ".join(hist), "item": seq[n_train]})
         neg = [ids[j] for j in _negatives(rng, len(ids), set(int(i) for i in index), 99)]
-        out.append({"source": src, "candidates": [tgt] + neg})
+        out.append({"source": src, "candidates": [tgt] + neg, "truth": int(index[n_train]),
+                    "exclude": [int(i) for i in index[:n_train]]})
     return out
 
 
-def run(cfg: TrainConfig, log=print) -> Path:
-    """Train (or resume) a run and write its bundle; returns the bundle path."""
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def prepare_config(cfg: TrainConfig, data) -> PrepareConfig:
+    """The dataset's prepare config with this run's ``augment.*`` / ``prompts.*`` overrides."""
+    from .config import AugmentConfig, PromptConfig
 
+    pcfg = from_dict(PrepareConfig, data.manifest["config"])
+    pcfg.augment = from_dict(AugmentConfig, {**to_dict(pcfg.augment), **cfg.augment}, prefix="augment.")
+    pcfg.prompts = from_dict(PromptConfig, {**to_dict(pcfg.prompts), **cfg.prompts}, prefix="prompts.")
+    return pcfg
+
+
+@dataclass
+class TrainSetup:
+    """What the driver builds before ``fit``: the run's place, its tokenizer, data and loop config."""
+
+    cfg: TrainConfig
+    name: str
+    storage: str
+    run_dir: Path
+    datasets: dict
+    loop_cfg: dict
+
+
+def family_counts(data_dir: str, pcfg: PrepareConfig, families: list, log=print) -> dict:
+    """Training examples per task family in one epoch (one pass over the example stream, no shuffle)."""
     from .augment import example_dataset
-    from .bundle import load_bundle, save_bundle
+
+    counts = (example_dataset(data_dir, pcfg, split="train", epoch=0, families=families, log=log)
+              .map_batches(_family_counts, batch_format="pandas", batch_size=None).to_pandas())
+    return {f: int(n) for f, n in counts.groupby("family")["count"].sum().items()}
+
+
+def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup:
+    """Tokenizer (trained for pretrain, the bundle's for finetune), the lazy example streams and the
+    per-worker config. Needs a connected Ray; runs in ``run`` and in each Tune trial's driver.
+    ``counts``: examples per family, when the caller knows them (a sweep counts once for all trials)."""
+    from .augment import example_dataset
+    from .bundle import load_bundle
     from .dataset import PreparedData
-    from .model import RecT5
-    from .runtime import ensure_ray
-    from .tokenizer import RecTokenizer, train_tokenizer
+    from .tokenizer import train_tokenizer
 
     data = PreparedData.open(cfg.data)
-    ensure_ray(quiet=False)  # the workers' progress lines reach the console
     name = cfg.name or Path(cfg.out).name
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     run_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp()) / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    pcfg = from_dict(PrepareConfig, data.manifest["config"])
-    init = None
+    pcfg = prepare_config(cfg, data)
     tok_path = run_dir / "tokenizer.json"
     if cfg.init_bundle:
-        init = load_bundle(cfg.init_bundle)
-        init.tokenizer.save(tok_path)
+        load_bundle(cfg.init_bundle).tokenizer.save(tok_path)
     elif not tok_path.exists():
         texts = example_dataset(cfg.data, pcfg, split="train", epoch=0, families=cfg.families,
                                 log=lambda *a: None).limit(30_000).to_pandas()
@@ -340,14 +420,11 @@ def run(cfg: TrainConfig, log=print) -> Path:
         items = data.id_texts if cfg.item_token_mode == "token" else None
         train_tokenizer(corpus, cfg.vocab_size, item_tokens=items).save(tok_path)
         log(f"pretrain: tokenizer trained on {len(corpus)} texts -> {tok_path}")
-    tok = RecTokenizer.load(tok_path)
 
     # one lazy stream per epoch (each re-draws its examples), globally shuffled so that every batch
     # mixes the task families (built from two tables); block-order shuffling alone left windows of
     # hundreds of steps with one family
-    counts = (example_dataset(cfg.data, pcfg, split="train", epoch=0, families=cfg.families, log=log)
-              .groupby("family").count().to_pandas())
-    counts = dict(zip(counts["family"], counts["count()"].astype(int)))
+    counts = counts or family_counts(cfg.data, pcfg, cfg.families, log)
     keep = mixing_weights(counts, cfg)
     per_epoch = sum(n * keep.get(f, 1.0) for f, n in counts.items())
     log("pretrain: examples per epoch " + ", ".join(f"{f} {counts[f] * keep[f]:.0f}/{counts[f]}" for f in counts))
@@ -369,27 +446,65 @@ def run(cfg: TrainConfig, log=print) -> Path:
         f"storage {storage}")
     loop_cfg = {**to_dict(cfg), "tokenizer": str(tok_path), "total_steps": total, "run_dir": str(run_dir),
                 "steps_per_epoch": max(1, math.ceil(total / cfg.epochs)),
-                "val_rank": _val_ranking(data, pcfg, cfg.val_users, cfg.seed),
+                "val_rank": _val_ranking(data, pcfg, cfg.val_users, cfg.seed), "catalog_ids": data.id_texts,
                 "init_bundle": str(Path(cfg.init_bundle).resolve()) if cfg.init_bundle else ""}
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+    return TrainSetup(cfg, name, storage, run_dir, {"train": train_ds, "val": val_ds}, loop_cfg)
+
+
+def make_trainer(s: TrainSetup, callbacks: list | None = None):
+    """The run's ``TorchTrainer``; ``callbacks`` (e.g. Tune's ``TuneReportCallback``) see every report."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = s.cfg
+    return TorchTrainer(
+        train_loop, train_loop_config=s.loop_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, placement_strategy=cfg.placement_strategy,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
+        run_config=RunConfig(name=s.name, storage_path=s.storage, callbacks=list(callbacks or []),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train_ds, "val": val_ds}, dataset_config=DataConfig(datasets_to_split=["train"]))
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
+        datasets=s.datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
+
+
+def export_bundle(cfg: TrainConfig, checkpoint, run_dir: str | Path, out: str | Path | None = None,
+                  extra: dict | None = None, log=print) -> Path:
+    """Write the bundle of a run's checkpoint (a ``ray.train.Checkpoint``) to ``out`` (default
+    ``cfg.out``); ``extra`` is merged into its manifest. Also writes the run's ``metrics.json``."""
+    from .bundle import save_bundle
+    from .dataset import PreparedData
+    from .model import RecT5
+    from .tokenizer import RecTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    data = PreparedData.open(cfg.data)
+    run_dir = Path(run_dir)
+    with checkpoint.as_directory() as d:
         model = RecT5.from_pretrained(d, use_safetensors=True)
         history = json.loads(Path(d, "history.json").read_text())
     (run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
     manifest = {"data": {"path": str(Path(cfg.data).resolve()), "sources": data.manifest.get("sources"),
                          "indexing": data.manifest.get("indexing")},
-                "train_config": to_dict(cfg), "run": {"name": name, "storage_path": storage},
-                "metrics": history[-1] if history else {}, "init_bundle": cfg.init_bundle or None}
-    out = save_bundle(cfg.out, model, tok, data.catalog, manifest,
-                      templates_dir=(init.templates_dir if init else pcfg.prompts.templates_dir or None))
-    log(f"pretrain: bundle written to {out}")
-    return out
+                "train_config": to_dict(cfg), "run": {"name": run_dir.name,
+                        "storage_path": cfg.storage_path if "://" in cfg.storage_path else str(run_dir.parent)},
+                "metrics": history[-1] if history else {}, "init_bundle": cfg.init_bundle or None, **(extra or {})}
+    templates = (Path(cfg.init_bundle) / "templates" if cfg.init_bundle
+                 else prepare_config(cfg, data).prompts.templates_dir or None)
+    tok = RecTokenizer.load(run_dir / "tokenizer.json")
+    bundle = save_bundle(out or cfg.out, model, tok, data.catalog, manifest, templates_dir=templates)
+    log(f"pretrain: bundle written to {bundle}")
+    return bundle
+
+
+def run(cfg: TrainConfig, log=print) -> Path:
+    """Train (or resume) a run and write its bundle; returns the bundle path."""
+    from .runtime import ensure_ray
+
+    ensure_ray(quiet=False)  # the workers' progress lines reach the console
+    s = setup(cfg, log)
+    result = make_trainer(s).fit()
+    if result.error:
+        raise result.error
+    return export_bundle(cfg, result.checkpoint, s.run_dir, log=log)
