@@ -100,8 +100,7 @@ class ConstrainedBeamSearch:
         enc = {n: v.to(device) for n, v in enc.items()}
         B, K, V = enc["input_ids"].shape[0], beams, model.config.vocab_size
         hidden = model.encode(enc["input_ids"], enc["attention_mask"], enc.get("whole_word_ids")).last_hidden_state
-        hidden = hidden.repeat_interleave(K, 0)
-        mask = enc["attention_mask"].repeat_interleave(K, 0)
+        mask = enc["attention_mask"]
         banned = None
         if exclude is not None:
             banned = torch.zeros((B, trie.n_items + 1), dtype=torch.bool)  # column n_items: "not a leaf"
@@ -115,12 +114,19 @@ class ConstrainedBeamSearch:
         tokens = torch.full((B * K, 1), trie.pad_id, dtype=torch.long, device=device)
         fin_scores = torch.full((B, K), NEG)
         fin_items = torch.full((B, K), -1, dtype=torch.long)
-        past = None
-        for _ in range(trie.depth):
-            out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=tokens[:, -1:],
-                        past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
+        # step 0 runs once per user, not once per beam (all beams start alike): the cross-attention keys
+        # and values of the encoder output, most of a step's cost, are computed for B rows, then shared
+        # by the user's K beams; they are the same for all of them, so they are never reordered
+        out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=tokens[::K], use_cache=True)
+        past = out.past_key_values
+        past.batch_repeat_interleave(K)
+        hidden, mask = hidden.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
+        logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu().repeat_interleave(K, 0)
+        for step in range(trie.depth):
+            if step:
+                out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=tokens[:, -1:],
+                            past_key_values=past, use_cache=True)
+                logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
             allowed = torch.full((B * K, V), NEG)
             rows, toks, kids = trie.edges(nodes.reshape(-1).clamp(min=0))  # -1: a dead beam (score -inf)
             ok = torch.ones(len(rows), dtype=torch.bool)
@@ -148,7 +154,7 @@ class ConstrainedBeamSearch:
             nodes = child_node.gather(1, pick)
             flat = (torch.arange(B).unsqueeze(1) * K + src_beam).reshape(-1).to(device)
             tokens = torch.cat([tokens[flat], tok.gather(1, pick).reshape(-1, 1).to(device)], 1)
-            past.reorder_cache(flat)
+            past.self_attention_cache.reorder_cache(flat)
             if not torch.isfinite(scores).any():
                 break
         fin_items = torch.where(torch.isfinite(fin_scores), fin_items, torch.full_like(fin_items, -1))
