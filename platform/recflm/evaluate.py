@@ -43,6 +43,8 @@ class EvalConfig:
     max_users: int = 0  # 0: every user with a held-out item
     text_examples: int = 300  # rating / explanation / review examples evaluated (0: all)
     baselines: bool = False
+    two_tower_epochs: int = 20  # training budget of the baselines (passes over the training interactions)
+    sasrec_epochs: int = 10  # ~30 s an epoch on the bundled data on 2 cores
     out: str = ""  # metrics.json path (default: <bundle>/metrics_<split>.json)
     seed: int = 2022
 
@@ -198,7 +200,9 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
     out = {}
     for name, cls in BASELINES.items():
         t0 = time.perf_counter()
-        model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed)
+        epochs = {"two-tower": cfg.two_tower_epochs, "SASRec": cfg.sasrec_epochs}.get(name)
+        model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed,
+                                         **({"epochs": epochs} if epochs else {}))
         res = {}
         s = model.scores(list(seq_rows["history"]), list(seq_rows["user"]))
         for r, ex in enumerate(seq_rows["exclude"]):

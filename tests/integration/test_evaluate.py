@@ -14,7 +14,8 @@ def test_evaluate_with_baselines(bundled_dataset, tiny_bundle, tmp_path, capsys)
     data, _, _ = bundled_dataset
     bundle, _ = tiny_bundle
     out = run(EvalConfig(bundle=str(bundle), data=str(data), max_users=40, text_examples=12, batch_size=8,
-                         baselines=True, out=str(tmp_path / "m.json")), log=lambda *a: None)
+                         baselines=True, two_tower_epochs=3, sasrec_epochs=2, out=str(tmp_path / "m.json")),
+              log=lambda *a: None)
     res = out["results"]
     assert set(res) == {"recflm", "popularity", "two-tower", "SASRec"}
     ours = res["recflm"]
