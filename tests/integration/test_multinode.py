@@ -26,12 +26,20 @@ BIN = Path(sys.executable).parent  # the venv's `ray` and `recflm`
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+_TAKEN: set[int] = set()
+
+
 def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A free port no earlier call of this test returned: the kernel hands a just-closed port out again,
+    and two components of one node on the same port make `ray start` fail."""
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
 
 
 def _node_ports() -> list[str]:
