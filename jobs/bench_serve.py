@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,6 @@ import time
 from pathlib import Path
 
 APP = "bench"
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ----------------------------------------------------------------------------- the naive server
@@ -213,7 +204,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from recflm.runtime import ensure_ray
+    from recflm.runtime import ensure_ray, free_port
     from recflm.serve import ServeConfig, run
 
     t_start = time.perf_counter()
@@ -224,7 +215,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="recflm_bench_serve_"))
     bundle = args.bundle or untrained_bundle(args.preset, args.data, work)
     which = args.bundle or f"untrained {args.preset} (built in {work})"
-    cfg = ServeConfig(bundle=bundle, name=APP, port=_free_port(), beams=args.beams, default_k=args.k,
+    cfg = ServeConfig(bundle=bundle, name=APP, port=free_port(), beams=args.beams, default_k=args.k,
                       threads=args.threads, num_cpus=1.0, min_replicas=1, max_replicas=args.max_replicas,
                       max_batch_size=16, max_ongoing_requests=32, target_ongoing_requests=8,
                       upscale_delay_s=3, downscale_delay_s=10, look_back_period_s=12, auth_token_env="")
@@ -233,7 +224,7 @@ def main(argv=None) -> int:
     users = pd.read_parquet(Path(info["histories"]), columns=["user"])["user"].astype(str).tolist()[:200]
     bodies = [{"user": u, "k": args.k} for u in users]
 
-    naive_port = _free_port()
+    naive_port = free_port()
     naive = subprocess.Popen([sys.executable, "-m", "jobs.bench_serve", "--naive-server", "--bundle", bundle,
                               "--port", str(naive_port), "--beams", str(args.beams), "--threads", str(args.threads)],
                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 
 def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -36,3 +37,10 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
         ray.init(**kwargs)
     except ConnectionError:  # the last `ray start` cluster is gone
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now on ``host`` (for test and benchmark servers on loopback)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

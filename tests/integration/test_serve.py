@@ -3,7 +3,6 @@ tiny bundle. Every endpoint, a table of bad requests, the metrics on Ray's expor
 killed under load, a rollout of a second bundle under load, and bearer-token auth."""
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from recflm.runtime import free_port
 from recflm.serve import ServeConfig, run
 
 pytestmark = pytest.mark.integration
@@ -19,16 +19,8 @@ pytestmark = pytest.mark.integration
 APP = "recflm-test"
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def _config(bundle, **kw) -> ServeConfig:
-    base = dict(bundle=str(bundle), name=APP, host="127.0.0.1", port=_free_port(), num_cpus=0.25, api_cpus=0.1,
+    base = dict(bundle=str(bundle), name=APP, host="127.0.0.1", port=free_port(), num_cpus=0.25, api_cpus=0.1,
                 threads=1, beams=10, default_k=5, max_history=30, max_body_bytes=4096, max_batch_size=8,
                 max_ongoing_requests=16, target_ongoing_requests=4, min_replicas=1, max_replicas=2,
                 upscale_delay_s=30, explain_tokens=8, explain_beams=2, auth_token_env="")
