@@ -4,9 +4,10 @@
 prefix trie in CSR form (``indptr``, edge ``tokens``, edge ``children``), so the allowed next
 tokens of any set of beams are gathered with tensor ops. ``ConstrainedBeamSearch`` runs batched
 beam search on a ``RecT5``: the encoder runs once per batch (with the whole-word embedding), the
-decoder steps with its key/value cache, every step is masked to the trie's continuations, and a
-user's already seen items can be excluded at the terminal ``</s>`` edge. Every returned item is in
-the catalog by construction.
+first decoder step runs once per user, later steps run with a self-attention key/value cache while
+a user's beams share one cross-attention key/value set (``_BeamDecoder``), every step is masked to
+the trie's continuations, and a user's already seen items can be excluded at the terminal ``</s>``
+edge. Every returned item is in the catalog by construction.
 
 The search follows Hugging Face's beam search exactly (top ``2 x beams`` candidates per step,
 finished hypotheses taken from the first ``beams`` ranks, running beams refilled with unfinished
@@ -82,9 +83,69 @@ class CatalogTrie:
         return rows, self.tokens[e], self.children[e]
 
 
+class _BeamDecoder:
+    """Incremental T5 decoder for beam search in which a user's beams share one cross-attention
+    key/value set: the encoder output is projected once per user (not once per beam, as a
+    per-row cache needs), and the K beam queries of a user attend to it in one batched product.
+    It runs the model's own modules (layer norms, projections, feed-forward, relative position
+    bias), so its log-probabilities equal the model's forward pass up to float rounding."""
+
+    def __init__(self, model):
+        cfg, dec = model.config, model.decoder
+        self.blocks, self.final_norm, self.embed, self.lm_head = dec.block, dec.final_layer_norm, dec.embed_tokens, model.lm_head
+        self.H, self.dk = cfg.num_heads, cfg.d_kv
+        self.out_scale = cfg.d_model ** -0.5 if getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings) else 1.0
+        self.rel = dec.block[0].layer[0].SelfAttention
+
+    def start(self, hidden: torch.Tensor, mask: torch.Tensor):
+        """Cross-attention keys/values of every layer for B users: (B, H, L, dk) each."""
+        B, L, _ = hidden.shape
+        self.B, self.cross, self.self_kv, self.t = B, [], [None] * len(self.blocks), 0
+        for block in self.blocks:
+            att = block.layer[1].EncDecAttention
+            k = att.k(hidden).view(B, L, self.H, self.dk).transpose(1, 2)
+            v = att.v(hidden).view(B, L, self.H, self.dk).transpose(1, 2)
+            self.cross.append((k, v))
+        self.cross_mask = torch.zeros((B, 1, 1, L), dtype=hidden.dtype, device=hidden.device)
+        self.cross_mask.masked_fill_(mask[:, None, None, :] == 0, torch.finfo(hidden.dtype).min)
+
+    def reorder(self, index: torch.Tensor):
+        """Select self-attention cache rows (beam reordering; also the 1 -> K beam expansion)."""
+        self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (N, V) of the next token after ``tokens`` (N,), N = B x beams per user."""
+        N, B, H, dk = len(tokens), self.B, self.H, self.dk
+        n = N // B
+        x = self.embed(tokens)  # (N, d)
+        bias = self.rel.compute_bias(1, self.t + 1, device=x.device, past_seen_tokens=self.t)  # (1, H, 1, t+1)
+        for i, block in enumerate(self.blocks):
+            sa, ca, ff = block.layer[0], block.layer[1], block.layer[2]
+            att, h = sa.SelfAttention, sa.layer_norm(x)
+            q = att.q(h).view(N, H, 1, dk)
+            k = att.k(h).view(N, H, 1, dk)
+            v = att.v(h).view(N, H, 1, dk)
+            if self.self_kv[i] is not None:
+                k = torch.cat([self.self_kv[i][0], k], 2)
+                v = torch.cat([self.self_kv[i][1], v], 2)
+            self.self_kv[i] = (k, v)
+            w = torch.softmax(q @ k.transpose(2, 3) + bias, -1)
+            x = x + att.o((w @ v).reshape(N, H * dk))
+            att, h = ca.EncDecAttention, ca.layer_norm(x)
+            q = att.q(h).view(B, n, H, dk).transpose(1, 2)  # a user's beams are its queries
+            ck, cv = self.cross[i]
+            o = torch.nn.functional.scaled_dot_product_attention(q, ck, cv, attn_mask=self.cross_mask, scale=1.0)
+            x = x + att.o(o.transpose(1, 2).reshape(N, H * dk))
+            x = ff(x)
+        self.t += 1
+        logits = self.lm_head(self.final_norm(x) * self.out_scale)
+        return torch.log_softmax(logits.float(), -1)
+
+
 class ConstrainedBeamSearch:
     def __init__(self, model, trie: CatalogTrie):
         self.model, self.trie = model, trie
+        self.decoder = _BeamDecoder(model)
 
     @torch.no_grad()
     def search(self, enc: dict, beams: int = 20, k: int | None = None, exclude: list | None = None):
@@ -95,12 +156,11 @@ class ConstrainedBeamSearch:
         k = k or beams
         if k > beams:
             raise ValueError(f"k={k} is larger than the beam width {beams}")
-        model, trie = self.model, self.trie
+        model, trie, dec = self.model, self.trie, self.decoder
         device = next(model.parameters()).device
         enc = {n: v.to(device) for n, v in enc.items()}
         B, K, V = enc["input_ids"].shape[0], beams, model.config.vocab_size
         hidden = model.encode(enc["input_ids"], enc["attention_mask"], enc.get("whole_word_ids")).last_hidden_state
-        mask = enc["attention_mask"]
         banned = None
         if exclude is not None:
             banned = torch.zeros((B, trie.n_items + 1), dtype=torch.bool)  # column n_items: "not a leaf"
@@ -111,30 +171,24 @@ class ConstrainedBeamSearch:
         scores = torch.full((B, K), NEG)
         scores[:, 0] = 0.0
         nodes = torch.zeros((B, K), dtype=torch.long)
-        tokens = torch.full((B * K, 1), trie.pad_id, dtype=torch.long, device=device)
         fin_scores = torch.full((B, K), NEG)
         fin_items = torch.full((B, K), -1, dtype=torch.long)
-        # step 0 runs once per user, not once per beam (all beams start alike): the cross-attention keys
-        # and values of the encoder output, most of a step's cost, are computed for B rows, then shared
-        # by the user's K beams; they are the same for all of them, so they are never reordered
-        out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=tokens[::K], use_cache=True)
-        past = out.past_key_values
-        past.batch_repeat_interleave(K)
-        hidden, mask = hidden.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
-        logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu().repeat_interleave(K, 0)
+        # step 0 runs once per user, not once per beam (all beams start alike); cross-attention
+        # keys/values are computed once per user and shared by its beams for every step
+        dec.start(hidden, enc["attention_mask"])
+        logp = dec.step(torch.full((B,), trie.pad_id, dtype=torch.long, device=device)).cpu()
+        n = 1  # beams per user the decoder runs: only live ones (score > -inf), which come first
         for step in range(trie.depth):
             if step:
-                out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=tokens[:, -1:],
-                            past_key_values=past, use_cache=True)
-                logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()
-            allowed = torch.full((B * K, V), NEG)
-            rows, toks, kids = trie.edges(nodes.reshape(-1).clamp(min=0))  # -1: a dead beam (score -inf)
+                logp = dec.step(last.to(device)).cpu()
+            allowed = torch.full((B * n, V), NEG)
+            rows, toks, kids = trie.edges(nodes[:, :n].reshape(-1).clamp(min=0))  # -1: a dead beam (score -inf)
             ok = torch.ones(len(rows), dtype=torch.bool)
             if banned is not None:
                 leaf = trie.leaf_item[kids]
-                ok = ~banned[rows // K, torch.where(leaf >= 0, leaf, trie.n_items)]
+                ok = ~banned[rows // n, torch.where(leaf >= 0, leaf, trie.n_items)]
             allowed[rows[ok], toks[ok]] = 0.0
-            cand = (scores.reshape(-1, 1) + logp + allowed).reshape(B, K * V)
+            cand = (scores[:, :n].reshape(-1, 1) + logp + allowed).reshape(B, n * V)
             top, idx = cand.topk(2 * K, dim=1)  # sorted, best first
             beam, tok = idx // V, idx % V
             child_node = self._child(nodes, beam, tok)
@@ -150,13 +204,15 @@ class ConstrainedBeamSearch:
             # running: the best K candidates that are not eos
             r_scores = torch.where(is_eos, torch.full_like(top, NEG), top)
             scores, pick = r_scores.topk(K, dim=1)
+            # done when no running beam can still beat the K-th finished one (scores only fall)
+            if bool((fin_scores[:, -1] >= scores[:, 0]).all()):
+                break
             src_beam = beam.gather(1, pick)
             nodes = child_node.gather(1, pick)
-            flat = (torch.arange(B).unsqueeze(1) * K + src_beam).reshape(-1).to(device)
-            tokens = torch.cat([tokens[flat], tok.gather(1, pick).reshape(-1, 1).to(device)], 1)
-            past.self_attention_cache.reorder_cache(flat)
-            if not torch.isfinite(scores).any():
-                break
+            n_next = int(torch.isfinite(scores).sum(1).max())
+            last = tok.gather(1, pick)[:, :n_next].reshape(-1)
+            dec.reorder((torch.arange(B).unsqueeze(1) * n + src_beam[:, :n_next]).reshape(-1).to(device))
+            n = n_next
         fin_items = torch.where(torch.isfinite(fin_scores), fin_items, torch.full_like(fin_items, -1))
         return fin_items[:, :k], fin_scores[:, :k]
 
