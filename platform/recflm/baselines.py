@@ -110,12 +110,17 @@ class SASRec(nn.Module):
         return x
 
     def _hidden(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.item(x) * self.item.embedding_dim ** 0.5 + self.pos.weight.unsqueeze(0)
+        # causal attention only, padding zeroed after every block (the original's timeline mask): a key
+        # padding mask would leave the padding positions' queries with nothing to attend to, their NaN
+        # outputs would reach the real positions through the next block's values (0 x NaN = NaN)
+        keep = (x != 0).unsqueeze(-1).to(self.pos.weight.dtype)
+        h = self.drop((self.item(x) * self.item.embedding_dim ** 0.5 + self.pos.weight.unsqueeze(0)) * keep)
         causal = torch.triu(torch.ones(self.max_len, self.max_len, dtype=torch.bool), 1)
-        h = self.blocks(self.drop(h), mask=causal, src_key_padding_mask=(x == 0))
-        return self.norm(torch.nan_to_num(h))
+        for layer in self.blocks.layers:
+            h = layer(h, src_mask=causal) * keep
+        return self.norm(h)
 
-    def fit(self, train_seqs, users, ratings=None, seed: int = 0, epochs: int = 60, batch: int = 128,
+    def fit(self, train_seqs, users, ratings=None, seed: int = 0, epochs: int = 60, batch: int = 32,
             lr: float = 1e-3):
         torch.manual_seed(seed)
         seqs = [list(s) for s in train_seqs if len(s) >= 2]

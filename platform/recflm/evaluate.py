@@ -44,7 +44,7 @@ class EvalConfig:
     text_examples: int = 300  # rating / explanation / review examples evaluated (0: all)
     baselines: bool = False
     two_tower_epochs: int = 20  # training budget of the baselines (passes over the training interactions)
-    sasrec_epochs: int = 10  # ~30 s an epoch on the bundled data on 2 cores
+    sasrec_epochs: int = 10  # ~4 s an epoch on the bundled data on 2 cores
     out: str = ""  # metrics.json path (default: <bundle>/metrics_<split>.json)
     seed: int = 2022
 
@@ -278,7 +278,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     pred = ds.map_batches(BundlePredictor, fn_constructor_kwargs={"bundle": str(Path(cfg.bundle).resolve()),
                                                                   "beams": cfg.beams, "top_k": cfg.top_k,
                                                                   "threads": threads},
-                          batch_size=cfg.batch_size, batch_format="pandas", concurrency=cfg.replicas,
+                          batch_size=cfg.batch_size, batch_format="pandas",
+                          compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                           num_cpus=cfg.cpus_per_replica).to_pandas()
     infer_s = time.perf_counter() - t0
     results = {"recflm": _score(pred, info, cfg.top_k)}
