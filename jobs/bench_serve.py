@@ -186,6 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2, help="torch threads per model replica / of the naive server")
     ap.add_argument("--max-replicas", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", help="recflm's served weights: float32, bfloat16 or int8 "
+                    "(the naive server always runs the bundle's float32 model)")
     ap.add_argument("--step-concurrency", type=int, default=48)
     ap.add_argument("--step-limit", type=float, default=90.0, help="longest the load step may wait each way")
     ap.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
     bundle = args.bundle or untrained_bundle(args.preset, args.data, work)
     which = args.bundle or f"untrained {args.preset} (built in {work})"
     cfg = ServeConfig(bundle=bundle, name=APP, port=free_port(), beams=args.beams, default_k=args.k,
-                      threads=args.threads, num_cpus=1.0, min_replicas=1, max_replicas=args.max_replicas,
+                      threads=args.threads, num_cpus=1.0, dtype=args.dtype, min_replicas=1,
+                      max_replicas=args.max_replicas,
                       max_batch_size=16, max_ongoing_requests=32, target_ongoing_requests=8,
                       upscale_delay_s=3, downscale_delay_s=10, look_back_period_s=12, auth_token_env="")
     url = run(cfg, log=lambda *a: None)
@@ -267,7 +270,8 @@ def main(argv=None) -> int:
         return f"{x:.0f} s" if x is not None else f"not within {args.step_limit:.0f} s"
 
     print(f"\nbench_serve: bundle {which}; top-{args.k} at beam {args.beams}; {args.seconds:.0f} s closed loop "
-          f"per level; {args.threads} torch threads per model process; {os.cpu_count()} cores")
+          f"per level; {args.threads} torch threads per model process; {os.cpu_count()} cores; recflm weights "
+          f"{args.dtype}")
     head = (f"{'clients':>7} | {'recflm req/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'err':>4} {'repl':>4} | "
             f"{'naive req/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'err':>4} | {'ratio':>6}")
     print(head)

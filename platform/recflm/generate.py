@@ -92,7 +92,8 @@ class _BeamDecoder:
 
     def __init__(self, model):
         cfg, dec = model.config, model.decoder
-        self.blocks, self.final_norm, self.embed, self.lm_head = dec.block, dec.final_layer_norm, dec.embed_tokens, model.lm_head
+        self.blocks, self.final_norm, self.embed = dec.block, dec.final_layer_norm, dec.embed_tokens
+        self.lm_head = model.lm_head
         self.H, self.dk = cfg.num_heads, cfg.d_kv
         self.out_scale = cfg.d_model ** -0.5 if getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings) else 1.0
         self.rel = dec.block[0].layer[0].SelfAttention

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import threading
+import warnings
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,9 @@ class ServeConfig:
     max_ongoing_requests: int = 24  # per model replica; >= max_batch_size
     num_cpus: float = 1.0  # CPUs reserved per model replica (fractions allowed)
     threads: int = 1  # torch threads per model replica
+    # weights as served: float32 (the trained model exactly), bfloat16 (CPUs with AVX512-BF16 or AMX, GPUs),
+    # or int8 (dynamically quantized linear layers, CPU): faster, top-k lists may differ slightly
+    dtype: str = "float32"
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 8.0
@@ -101,6 +105,8 @@ def check_config(cfg: ServeConfig) -> None:
                           f"max_ongoing_requests={cfg.max_ongoing_requests}, or the deployment never scales up")
     if not 1 <= cfg.min_replicas <= cfg.max_replicas:
         raise ConfigError(f"replicas: need 1 <= min_replicas ({cfg.min_replicas}) <= max_replicas ({cfg.max_replicas})")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     for key in ("num_cpus", "api_cpus"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive")
@@ -138,6 +144,24 @@ def _err(status: int, reason: str, field: str, message: str) -> dict:
     return {"error": {"status": status, "reason": reason, "field": field, "message": message}}
 
 
+DTYPES = ("float32", "bfloat16", "int8")
+
+
+def cast_model(model, dtype: str):
+    """The model with its weights as served (see ``ServeConfig.dtype``)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return model.to(torch.bfloat16)
+    if dtype == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice: the API still works
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
 def _listing(values: list, limit: int = 10) -> str:
     shown = ", ".join(repr(v) for v in values[:limit])
     return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
@@ -146,7 +170,7 @@ def _listing(values: list, limit: int = 10) -> str:
 class ModelState:
     """One loaded bundle and everything derived from it; replaced whole on a rollout."""
 
-    def __init__(self, bundle: str, data: str = ""):
+    def __init__(self, bundle: str, data: str = "", dtype: str = "float32"):
         import pandas as pd
 
         from .bundle import load_bundle
@@ -168,6 +192,8 @@ class ModelState:
         self.desc = [f"{i} ({t})" if isinstance(t, str) else i for i, t in zip(self.ids, titles)]
         self.index = {str(k): i for i, k in enumerate(cat["item"])}
         self.trie = CatalogTrie.from_catalog(b.tokenizer, self.ids)
+        b.model = cast_model(b.model, dtype)
+        self.dtype = dtype
         self.search = ConstrainedBeamSearch(b.model, self.trie)
         self.max_source_len = int(b.manifest.get("train_config", {}).get("max_source_len", 256))
         temps = load_templates(b.templates_dir)
@@ -203,6 +229,7 @@ class ModelState:
             self.histories_from = None
             logger.warning(f"recflm serve: no dataset at {self.data_dir!r}: known-user requests are off, "
                            "requests must carry a history")
+        self._entries = [self._entry(i) for i in range(len(cat))]
         self.load_s = round(time.perf_counter() - t0, 2)
 
     @property
@@ -210,6 +237,9 @@ class ModelState:
         return {"bundle": self.path, "model_version": self.version}
 
     def item_entry(self, i: int) -> dict:
+        return dict(self._entries[i])
+
+    def _entry(self, i: int) -> dict:
         row = self.catalog.iloc[i]
         out = {"item": str(row["item"]), "index": int(i), "id": self.ids[i]}
         for col in ("title", "genres", "source"):
@@ -255,7 +285,7 @@ class Recommender:
         if self.state is not None and self.state.path == str(Path(bundle).resolve()) and \
                 self.state.data_dir == (user_config.get("data") or self.state.data_dir):
             return
-        new = ModelState(bundle, user_config.get("data") or "")
+        new = ModelState(bundle, user_config.get("data") or "", self.s.get("dtype", "float32"))
         self.state = new  # requests already running finish with the state they started with
         logger.info(f"recflm serve: serving bundle {new.path} (version {new.version}, {len(new.ids)} items, "
                     f"{len(new.histories)} known users, loaded in {new.load_s} s)")
@@ -591,7 +621,8 @@ def build_fastapi(api: Api):
         out = await api.call("info")
         if "error" in out:
             return answer(out)
-        keys = ("beams", "default_k", "max_history", "max_body_bytes", "max_batch_size", "min_replicas", "max_replicas")
+        keys = ("beams", "default_k", "max_history", "max_body_bytes", "max_batch_size", "min_replicas", "max_replicas",
+                "dtype")
         return {**out, "api_version": API_VERSION, "auth": bool(api.token), "limits": {k: s[k] for k in keys}}
 
     @app.get("/v1/health", summary="Liveness of the ingress and the model deployment (no token needed)")
@@ -756,6 +787,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-replicas", type=int, help="fewest model replicas (config key: min_replicas)")
     p.add_argument("--max-replicas", type=int, help="most model replicas (config key: max_replicas)")
     p.add_argument("--auth-token-file", help="require the bearer token in this file (config key: auth_token_file)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights as served: float32 (default, exact), bfloat16, or int8 "
+                   "(quantized linear layers: faster on CPU, top-k may differ slightly) (config key: dtype)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--detach", action="store_true",
                       help="deploy and return (the application keeps running on the cluster; "
@@ -766,7 +799,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def command(args) -> int:
     cfg = load_serve_config(args.config, args.overrides)
-    for flag in ("bundle", "data", "host", "port", "name", "min_replicas", "max_replicas", "auth_token_file"):
+    for flag in ("bundle", "data", "host", "port", "name", "min_replicas", "max_replicas", "auth_token_file", "dtype"):
         if getattr(args, flag, None) is not None:
             setattr(cfg, flag, getattr(args, flag))
     url = run(cfg)

@@ -70,3 +70,28 @@ def test_exclusion_and_k(setup):
 def test_parse_rating():
     assert parse_rating("4.1", 1, 5) == 4.1 and parse_rating(" 3 ", 1, 5) == 3.0
     assert parse_rating("7", 1, 5) is None and parse_rating("four", 1, 5) is None and parse_rating("", 1, 5) is None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_served_dtypes_keep_outputs_valid_and_close(setup, dtype):
+    """recflm serve's dtype option: a cast copy of the model still returns only catalog items, and its
+    top-k mostly agrees with the float32 model's."""
+    import copy
+
+    from recflm.config import ConfigError
+    from recflm.serve import ServeConfig, cast_model, check_config
+
+    tok, model, trie, ids, sources = setup
+    enc = tok.encode_batch(sources)
+    ref, _ = ConstrainedBeamSearch(model, trie).search(enc, beams=10)
+    cast = cast_model(copy.deepcopy(model), dtype)
+    if dtype == "int8":
+        assert not any(type(m) is torch.nn.Linear for m in cast.modules())  # every linear layer quantized
+    else:
+        assert next(cast.parameters()).dtype == torch.bfloat16
+    items, scores = ConstrainedBeamSearch(cast, trie).search(enc, beams=10)
+    assert (items >= 0).all() and (items < len(ids)).all() and torch.isfinite(scores).all()
+    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(items, ref)])
+    assert overlap > 0.7
+    with pytest.raises(ConfigError, match="dtype='fp8'"):
+        check_config(ServeConfig(bundle="b", dtype="fp8"))
