@@ -274,17 +274,29 @@ def generate_text(model, tokenizer, sources: list[str], max_new_tokens: int = 32
 def score_candidates(model, tokenizer, sources: list[str], candidates: list[list[str]],
                      max_source_len: int = 256) -> list[np.ndarray]:
     """Sequence log-probability of each candidate target given its source (teacher-forced), for
-    ranking a fixed candidate list (the 1-of-100 direct protocol)."""
+    ranking a fixed candidate list (the 1-of-100 direct protocol).
+
+    The encoder runs once per source and its cross-attention keys/values are shared by all of that
+    source's candidates (``_BeamDecoder``), which step through their target tokens together."""
+    if len({len(c) for c in candidates}) > 1:  # the decoder wants as many candidates per source
+        return [score_candidates(model, tokenizer, [s], [c], max_source_len)[0] for s, c in zip(sources, candidates)]
     dev = next(model.parameters()).device
     enc = tokenizer.encode_batch(sources, max_source_len)
     enc = {n: v.to(dev) for n, v in enc.items()}
+    B, n = len(sources), len(candidates[0])
+    if n == 0:
+        return [np.zeros(0) for _ in sources]
     hidden = model.encode(enc["input_ids"], enc["attention_mask"], enc["whole_word_ids"]).last_hidden_state
-    out = []
-    for b, cands in enumerate(candidates):
-        labels = tokenizer.encode_targets(cands, 32).to(dev)
-        n = len(cands)
-        res = model(encoder_outputs=(hidden[b:b + 1].expand(n, -1, -1),),
-                    attention_mask=enc["attention_mask"][b:b + 1].expand(n, -1), labels=labels)
-        lp = torch.log_softmax(res.logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.append((lp * (labels != -100)).sum(1).cpu().numpy())
-    return out
+    labels = tokenizer.encode_targets([c for cands in candidates for c in cands], 32).to(dev)  # (B n, T)
+    dec = _BeamDecoder(model)
+    dec.start(hidden, enc["attention_mask"])
+    logp = dec.step(torch.full((B,), tokenizer.pad_id, dtype=torch.long, device=dev))  # the start token, once per source
+    dec.reorder(torch.arange(B, device=dev).repeat_interleave(n))
+    logp = logp.repeat_interleave(n, 0)
+    total = torch.zeros(B * n, device=dev)
+    for t in range(labels.shape[1]):
+        if t:
+            logp = dec.step(labels[:, t - 1].clamp(min=0))
+        lab = labels[:, t]
+        total += torch.where(lab != -100, logp.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+    return list(total.reshape(B, n).float().cpu().numpy())

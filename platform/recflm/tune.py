@@ -333,7 +333,11 @@ def results_table(grid, cfg: TuneConfig, keys: list[str]):
         rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):
-        df = df.sort_values(cfg.metric, ascending=cfg.mode == "min", na_position="last", kind="stable")
+        # ties on the metric (common early on: a weak model finds none of a few users' next items) are
+        # broken by the candidate-ranking hit rate, then by the validation loss
+        keys = [cfg.metric] + [k for k in ("val_hr10_of_100", "val_loss") if k != cfg.metric]
+        df = df.sort_values(keys, ascending=[cfg.mode == "min"] + [k == "val_loss" for k in keys[1:]],
+                            na_position="last", kind="stable")
     return df.reset_index(drop=True)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from recflm.generate import CatalogTrie, ConstrainedBeamSearch, hf_reference, parse_rating
+from recflm.generate import CatalogTrie, ConstrainedBeamSearch, hf_reference, parse_rating, score_candidates
 from recflm.model import build_model
 from recflm.tokenizer import train_tokenizer
 
@@ -95,3 +95,22 @@ def test_served_dtypes_keep_outputs_valid_and_close(setup, dtype):
     assert overlap > 0.7
     with pytest.raises(ConfigError, match="dtype='fp8'"):
         check_config(ServeConfig(bundle="b", dtype="fp8"))
+
+
+def test_score_candidates_equals_teacher_forced_forward(setup):
+    """The 1-of-N scorer (shared cross-attention, candidates stepped together) gives each candidate the
+    summed log-probability the model's own teacher-forced forward gives it."""
+    tok, model, trie, ids, sources = setup
+    rng = np.random.default_rng(1)
+    cands = [[ids[i] for i in rng.choice(len(ids), 7, replace=False)] + ["7", "712"] for _ in sources[:5]]
+    got = score_candidates(model, tok, sources[:5], cands)
+    for src, cs, g in zip(sources[:5], cands, got):
+        enc = tok.encode_batch([src] * len(cs))
+        labels = tok.encode_targets(cs, 32)
+        with torch.no_grad():
+            logits = model(**enc, labels=labels).logits
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        ref = (lp * (labels != -100)).sum(1).numpy()
+        assert np.allclose(g, ref, atol=1e-4)
+    uneven = score_candidates(model, tok, sources[:2], [cands[0], cands[1][:3]])  # different counts per source
+    assert np.allclose(uneven[0], got[0], atol=1e-4) and np.allclose(uneven[1], got[1][:3], atol=1e-4)
