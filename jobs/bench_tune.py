@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="prepared dataset (default: the bundled data prepared here)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=15, help="optimizer steps per epoch")
+    ap.add_argument("--val-users", type=int, default=300,
+                    help="validation users of the ASHA metric (too few and a weak model scores 0 in every trial, "
+                         "so ASHA cannot tell trials apart)")
     # 4 logical CPUs on a 2-core laptop, as in the tests: with 2, a trial's worker (0.5) plus the CPUs
     # a stopped trial has not yet given back can leave Ray Data less than the 1 CPU a read task needs
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray (0: the cores)")
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
                                        families=["rating", "sequential", "direct", "span"]), log=quiet))
 
     fixed = {"epochs": args.epochs, "max_steps": args.epochs * args.steps, "batch_size": 16, "val_examples": 64,
-             "val_users": 40, "val_beams": 10, "shuffle_buffer": 200, "families": ["sequential", "direct"]}
+             "val_users": args.val_users, "val_beams": 20, "shuffle_buffer": 200, "families": ["sequential", "direct"]}
     space = {"lr": {"loguniform": [1.0e-5, 3.0e-3]}, "label_smoothing": {"choice": [0.0, 0.1]},
              "dropout": {"uniform": [0.0, 0.2]}, "augment.crop": {"uniform": [0.0, 0.4]}}
     sweep = dict(bundle=bundle, data=data, space=space, trials=args.trials, storage_path=str(tmp / "sweeps"),
