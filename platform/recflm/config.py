@@ -169,20 +169,27 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file", mapping: str = "hold a mapping at the top level",
+                      missing: type[Exception] = ConfigError) -> dict:
+    """The mapping a YAML file holds; ``missing`` (the file is not there) or ConfigError (not YAML, not a
+    mapping), each naming ``what`` the file is."""
+    p = Path(path)
+    if not p.is_file():
+        raise missing(f"{what} {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p} must {mapping}")
+    return data
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
     """Defaults <- YAML file <- ``key=value`` overrides, checked against ``cls``."""
     data: dict = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data.update(loaded)
+        data.update(read_yaml_mapping(path))
     for o in overrides or []:
         apply_override(data, o)
     defaults = to_dict(cls())

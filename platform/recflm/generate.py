@@ -146,7 +146,6 @@ class _BeamDecoder:
 class ConstrainedBeamSearch:
     def __init__(self, model, trie: CatalogTrie):
         self.model, self.trie = model, trie
-        self.decoder = _BeamDecoder(model)
 
     @torch.no_grad()
     def search(self, enc: dict, beams: int = 20, k: int | None = None, exclude: list | None = None):
@@ -157,7 +156,8 @@ class ConstrainedBeamSearch:
         k = k or beams
         if k > beams:
             raise ValueError(f"k={k} is larger than the beam width {beams}")
-        model, trie, dec = self.model, self.trie, self.decoder
+        model, trie = self.model, self.trie
+        dec = _BeamDecoder(model)  # per search: it holds this batch's caches
         device = next(model.parameters()).device
         enc = {n: v.to(device) for n, v in enc.items()}
         B, K, V = enc["input_ids"].shape[0], beams, model.config.vocab_size

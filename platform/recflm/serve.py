@@ -327,15 +327,21 @@ class Recommender:
                 "items": [{"rank": r + 1, **st.item_entry(i), "score": round(s, 4)} for r, (i, s) in enumerate(found)],
                 "model_version": st.version}
 
+    def _pair_prompt(self, st: ModelState, req: dict, template) -> tuple[str | None, dict | None]:
+        """The (user, item) prompt of ``template``, or the 4xx answer for an unknown item."""
+        bad = self._unknown_items(st, [req["item"]], "item")
+        if bad:
+            return None, bad
+        i = st.index[req["item"]]
+        return template.source.format(user=req["user"], item=st.ids[i], item_desc=st.desc[i]), None
+
     async def rating(self, req: dict) -> dict:
         from .generate import parse_rating
 
         st = self.state
-        bad = self._unknown_items(st, [req["item"]], "item")
+        prompt, bad = self._pair_prompt(st, req, st.t_rating)
         if bad:
             return bad
-        i = st.index[req["item"]]
-        prompt = st.t_rating.source.format(user=req["user"], item=st.ids[i], item_desc=st.desc[i])
         text = await self._rate((st, prompt))
         value = parse_rating(text, *st.scale)
         out = {"user": req["user"], "item": req["item"], "known_user": req["user"] in st.histories,
@@ -346,11 +352,9 @@ class Recommender:
 
     async def explain(self, req: dict) -> dict:
         st = self.state
-        bad = self._unknown_items(st, [req["item"]], "item")
+        prompt, bad = self._pair_prompt(st, req, st.t_explain)
         if bad:
             return bad
-        i = st.index[req["item"]]
-        prompt = st.t_explain.source.format(user=req["user"], item=st.ids[i], item_desc=st.desc[i])
         text = await self._explain((st, prompt))
         return {"user": req["user"], "item": req["item"], "known_user": req["user"] in st.histories,
                 "explanation": text, "model_version": st.version}

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, from_dict, load_config, to_dict
+from .config import ConfigError, from_dict, load_config, read_yaml_mapping, to_dict
 
 HELP = "search fine-tune settings of a bundle with Ray Tune (ASHA early stopping, resumable)"
 
@@ -76,20 +76,9 @@ class TuneConfig:
 # ----------------------------------------------------------------------------- search space
 def load_space(spec) -> dict:
     """The space as a mapping (from a YAML file path or inline), unparsed."""
-    import yaml
-
     if isinstance(spec, dict):
         return dict(spec)
-    p = Path(spec)
-    if not p.is_file():
-        raise FileNotFoundError(f"search space file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search space {p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"search space {p} must be a mapping of TrainConfig keys")
-    return data
+    return read_yaml_mapping(spec, "search space file", "be a mapping of TrainConfig keys", missing=FileNotFoundError)
 
 
 def _number(key: str, v, integer: bool = False):

@@ -253,6 +253,15 @@ def _stream(url: str, body: dict, stop: threading.Event, results: list, headers=
                 results.append((time.time(), -1, type(e).__name__))
 
 
+def _streams(url: str, body: dict, n: int = 3):
+    """``n`` client threads sending ``body`` in a loop until ``stop`` is set: (stop, results, threads)."""
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_stream, args=(url, body, stop, results)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return stop, results, threads
+
+
 def _replicas(deployment: str) -> list[str]:
     import ray
 
@@ -266,11 +275,7 @@ def test_replica_killed_under_load(served):
     user, _ = _known_user(served)
     before = _replicas("Recommender")
     assert before
-    stop, results = threading.Event(), []
-    threads = [threading.Thread(target=_stream, args=(served["url"], {"user": user, "k": 3}, stop, results))
-               for _ in range(3)]
-    for t in threads:
-        t.start()
+    stop, results, threads = _streams(served["url"], {"user": user, "k": 3})
     time.sleep(1.5)
     killed_at = time.time()
     ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
@@ -302,11 +307,7 @@ def test_rollout_of_a_second_bundle_without_failed_requests(served, tmp_path):
     (second / "manifest.json").write_text(json.dumps({**manifest, "rollout": "second bundle"}))
     user, _ = _known_user(served)
     old_version = served["info"]["model_version"]
-    stop, results = threading.Event(), []
-    threads = [threading.Thread(target=_stream, args=(served["url"], {"user": user, "k": 3}, stop, results))
-               for _ in range(3)]
-    for t in threads:
-        t.start()
+    stop, results, threads = _streams(served["url"], {"user": user, "k": 3})
     time.sleep(1)
     cfg = served["cfg"]
     run(ServeConfig(**{**cfg.__dict__, "bundle": str(second)}), log=lambda *a: None)
