@@ -5,9 +5,15 @@ catalog constraint) on the same bundle, side by side in one run.
 Both answer ``POST /v1/recommend {"user": U, "k": K}`` for the dataset's known users (top-K at beam
 ``--beams``). A closed-loop load generator (C clients, each sending its next request when the last
 one is answered) runs at each concurrency against each server, the two taking turns in short
-windows; the table shows req/s, p50, p99 and errors for each, and the throughput ratio. Then a load step against recflm alone: from 1 model
-replica, heavy load until the deployment reaches its maximum, then idle until it is back at its
-minimum, printing the replica count over time.
+windows after an unmeasured spell of load on recflm (``--settle``) in which its autoscaler settles on
+the replica count that load asks for; the table shows req/s, p50, p99, errors and replicas for each,
+and the throughput ratio. First, a load step against recflm alone: from 1 model replica, heavy load
+until the deployment reaches its maximum, then idle until it is back at its minimum, printing the
+replica count over time.
+
+recflm runs as ``recflm serve`` does by default: the fused layout (each replica is the HTTP ingress
+and the model), Serve's HAProxy ingress and throughput-optimized data plane, one torch thread per
+replica (replicas, not threads, take the cores).
 
     python -m jobs.bench_serve --bundle runs/demo/bundle      # a trained bundle
     python -m jobs.bench_serve                                # an untrained mini model (built here)
@@ -182,10 +188,21 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
     ap.add_argument("--seconds", type=float, default=15.0, help="load per concurrency and server")
     ap.add_argument("--rounds", type=int, default=3, help="alternating windows per concurrency (load drift)")
+    ap.add_argument("--settle", type=float, default=20.0, help="unmeasured load on recflm before each concurrency's "
+                    "windows, so that the autoscaler reaches the replica count that load asks for")
+    ap.add_argument("--target-ongoing", type=float, default=4.0, help="recflm's autoscaling target of ongoing "
+                    "requests per replica")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--beams", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads per model replica / of the naive server")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per recflm model replica (replicas, "
+                    "not threads, use the cores: see --max-replicas)")
+    ap.add_argument("--naive-threads", type=int, default=os.cpu_count() or 2,
+                    help="torch threads of the naive server (default: one per core)")
     ap.add_argument("--max-replicas", type=int, default=2)
+    ap.add_argument("--layout", default="fused", choices=("fused", "split"), help="recflm's deployments: the "
+                    "ingress and the model in one (fused) or two (split)")
+    ap.add_argument("--no-throughput-mode", action="store_true", help="Serve's default Python HTTP proxy and "
+                    "data plane instead of its HAProxy ingress and throughput-optimized data plane")
     ap.add_argument("--dtype", default="float32", help="recflm's served weights: float32, bfloat16 or int8 "
                     "(the naive server always runs the bundle's float32 model)")
     ap.add_argument("--step-concurrency", type=int, default=48)
@@ -194,13 +211,17 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.naive_server:
-        naive_server(args.bundle, args.port, args.beams, args.threads)
+        naive_server(args.bundle, args.port, args.beams, args.naive_threads)
         return 0
 
     # faster autoscaling signals (must be set before Ray starts, so that Serve's processes inherit them)
     for side in ("HANDLE", "REPLICA"):
         os.environ.setdefault(f"RAY_SERVE_{side}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from recflm.serve import THROUGHPUT_ENV
+
+    if not args.no_throughput_mode:
+        os.environ.update(THROUGHPUT_ENV)
     import httpx
     import pandas as pd
     import ray
@@ -218,9 +239,10 @@ def main(argv=None) -> int:
     bundle = args.bundle or untrained_bundle(args.preset, args.data, work)
     which = args.bundle or f"untrained {args.preset} (built in {work})"
     cfg = ServeConfig(bundle=bundle, name=APP, port=free_port(), beams=args.beams, default_k=args.k,
-                      threads=args.threads, num_cpus=1.0, dtype=args.dtype, min_replicas=1,
+                      threads=args.threads, num_cpus=1.0, dtype=args.dtype, layout=args.layout,
+                      throughput_mode=not args.no_throughput_mode, min_replicas=1,
                       max_replicas=args.max_replicas,
-                      max_batch_size=16, max_ongoing_requests=32, target_ongoing_requests=8,
+                      max_batch_size=16, max_ongoing_requests=32, target_ongoing_requests=args.target_ongoing,
                       upscale_delay_s=3, downscale_delay_s=10, look_back_period_s=12, auth_token_env="")
     url = run(cfg, log=lambda *a: None)
     info = httpx.get(url + "/v1/model", timeout=60).json()
@@ -229,8 +251,8 @@ def main(argv=None) -> int:
 
     naive_port = free_port()
     naive = subprocess.Popen([sys.executable, "-m", "jobs.bench_serve", "--naive-server", "--bundle", bundle,
-                              "--port", str(naive_port), "--beams", str(args.beams), "--threads", str(args.threads)],
-                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                              "--port", str(naive_port), "--beams", str(args.beams), "--naive-threads",
+                              str(args.naive_threads)], env={**os.environ, "OMP_NUM_THREADS": str(args.naive_threads)})
     naive_url = f"http://127.0.0.1:{naive_port}"
     try:
         deadline = time.time() + 180
@@ -253,6 +275,8 @@ def main(argv=None) -> int:
         for c in [int(x) for x in args.concurrency.split(",")]:
             # the two servers take turns in short windows, so that drifting machine load hits both alike
             parts = {"ours": [], "naive": []}
+            if args.settle > 0:
+                asyncio.run(closed_loop(url, bodies, c, args.settle))
             for _ in range(args.rounds):
                 parts["naive"].append(asyncio.run(closed_loop(naive_url, bodies, c, args.seconds / args.rounds)))
                 parts["ours"].append(asyncio.run(closed_loop(url, bodies, c, args.seconds / args.rounds)))
@@ -270,8 +294,11 @@ def main(argv=None) -> int:
         return f"{x:.0f} s" if x is not None else f"not within {args.step_limit:.0f} s"
 
     print(f"\nbench_serve: bundle {which}; top-{args.k} at beam {args.beams}; {args.seconds:.0f} s closed loop "
-          f"per level; {args.threads} torch threads per model process; {os.cpu_count()} cores; recflm weights "
-          f"{args.dtype}")
+          f"per level; {os.cpu_count()} cores; recflm: layout {args.layout}, "
+          f"{'HAProxy ingress + throughput-optimized data plane' if not args.no_throughput_mode else 'Python proxy'}, "
+          f"{args.threads} torch thread(s) per model replica, weights {args.dtype}, autoscaling 1-{args.max_replicas} "
+          f"replicas at {args.target_ongoing:g} ongoing requests each ({args.settle:.0f} s of load before each level); "
+          f"naive: {args.naive_threads} threads")
     head = (f"{'clients':>7} | {'recflm req/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'err':>4} {'repl':>4} | "
             f"{'naive req/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'err':>4} | {'ratio':>6}")
     print(head)

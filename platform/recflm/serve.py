@@ -1,17 +1,26 @@
 """``recflm serve``: a model bundle as an HTTP JSON service on Ray Serve.
 
-One Serve application, two deployments:
+One Serve application, in one of two layouts (``ServeConfig.layout``):
 
-- ``Api``, the ingress: a FastAPI app built inside the replica (``__serve_build_asgi_app__``, so the
-  limits in its OpenAPI schema come from the config). It checks the optional bearer token, the body
-  size and type, validates every field, answers each bad request with a 4xx that names the field
-  and the problem, and records the request metrics (``serve_metrics``). It holds no model.
-- ``Recommender``, the model (autoscaling on ongoing requests): it gets its bundle through
-  ``user_config`` (``{"bundle", "data"}``); ``reconfigure`` loads a new bundle beside the old one and
-  swaps it in, so requests keep being answered during a rollout. It checks item and user ids against
-  its own catalog and answers with batched model calls (``serve.batch``): constrained beam search
-  over the catalog for recommendations (catalog items only, the history excluded), greedy decoding
-  for ratings and beam decoding for explanations.
+- ``fused`` (default): one deployment, ``Recommender``, each replica the FastAPI ingress and the
+  model at once (``Service``): no call between processes per request, the fastest on CPU.
+- ``split``: ``Api``, the ingress, in front of ``Recommender``, the model deployment; for model
+  replicas on GPUs while the HTTP work scales on CPUs, or an ingress that retries while model
+  replicas restart.
+
+The ingress (``Api``; ``Service`` is an ``Api`` holding the model itself) is a FastAPI app built
+inside the replica (``__serve_build_asgi_app__``, so the limits in its OpenAPI schema come from the
+config). It checks the optional bearer token, the body size and type, validates every field, answers
+each bad request with a 4xx that names the field and the problem, and records the request metrics
+(``serve_metrics``). The model (``Recommender``, autoscaling on ongoing requests) gets its bundle
+through ``user_config`` (``{"bundle", "data"}``); ``reconfigure`` loads a new bundle beside the old
+one and swaps it in, so requests keep being answered during a rollout. It checks item and user ids
+against its own catalog and answers with batched model calls (``serve.batch``): constrained beam
+search over the catalog for recommendations (catalog items only, the history excluded), greedy
+decoding for ratings and beam decoding for explanations.
+
+``throughput_mode`` (default on) starts a local Ray with Serve's HAProxy ingress and
+throughput-optimized data plane (``THROUGHPUT_ENV``); a cluster takes them from its environment.
 
 Endpoints (``/docs`` shows the OpenAPI schema)::
 
@@ -51,6 +60,14 @@ OPEN_PATHS = ("/v1/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 logger = logging.getLogger("ray.serve")
 
 
+def _log_now(level: int, message: str) -> None:
+    """Log an operator-facing message and write it out at once: Serve's throughput mode buffers a replica's
+    log records (RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE) until the buffer fills or an error comes."""
+    logger.log(level, message)
+    for handler in logger.handlers:
+        handler.flush()
+
+
 @dataclass
 class ServeConfig:
     bundle: str = "runs/model"  # the model bundle
@@ -68,6 +85,15 @@ class ServeConfig:
     max_body_bytes: int = 65536
     explain_tokens: int = 32
     explain_beams: int = 4
+    # "fused": one deployment is both the FastAPI ingress and the model (each replica answers HTTP itself: no hop
+    # between processes, the fastest on CPU); "split": an ingress deployment (Api) in front of the model deployment
+    # (Recommender), for model replicas on GPUs while the HTTP work scales on CPUs, or an ingress that must stay up
+    # while model replicas restart. Both hold the model in a deployment named Recommender.
+    layout: str = "fused"
+    # Serve's HAProxy ingress and throughput-optimized data plane (RAY_SERVE_ENABLE_HA_PROXY=1,
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED=1) for a Ray this command starts; a running cluster takes them from its
+    # nodes' environment at `ray start` (k8s/rayservice.yaml sets them)
+    throughput_mode: bool = True
     # model deployment: batching, autoscaling, resources
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
@@ -83,7 +109,7 @@ class ServeConfig:
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
     look_back_period_s: float = 15.0
-    # ingress deployment
+    # ingress deployment (layout "split")
     api_replicas: int = 1
     api_cpus: float = 0.25
     api_max_ongoing_requests: int = 256
@@ -105,6 +131,8 @@ def check_config(cfg: ServeConfig) -> None:
                           f"max_ongoing_requests={cfg.max_ongoing_requests}, or the deployment never scales up")
     if not 1 <= cfg.min_replicas <= cfg.max_replicas:
         raise ConfigError(f"replicas: need 1 <= min_replicas ({cfg.min_replicas}) <= max_replicas ({cfg.max_replicas})")
+    if cfg.layout not in LAYOUTS:
+        raise ConfigError(f"layout={cfg.layout!r}: expected one of {', '.join(LAYOUTS)}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     for key in ("num_cpus", "api_cpus"):
@@ -145,6 +173,8 @@ def _err(status: int, reason: str, field: str, message: str) -> dict:
 
 
 DTYPES = ("float32", "bfloat16", "int8")
+LAYOUTS = ("fused", "split")
+THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def cast_model(model, dtype: str):
@@ -227,7 +257,7 @@ class ModelState:
             self.histories_from = str(seqs)
         else:
             self.histories_from = None
-            logger.warning(f"recflm serve: no dataset at {self.data_dir!r}: known-user requests are off, "
+            _log_now(logging.WARNING, f"recflm serve: no dataset at {self.data_dir!r}: known-user requests are off, "
                            "requests must carry a history")
         self._entries = [self._entry(i) for i in range(len(cat))]
         self.load_s = round(time.perf_counter() - t0, 2)
@@ -254,7 +284,7 @@ class ModelState:
 class Recommender:
     """The model deployment (wrapped by ``serve.deployment`` in ``build_app``)."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, metrics=None):
         import torch
         from ray import serve
 
@@ -262,7 +292,7 @@ class Recommender:
 
         self.s = settings
         torch.set_num_threads(max(1, int(settings["threads"])))
-        self.metrics = ServeMetrics()
+        self.metrics = metrics or ServeMetrics()
         self.state: ModelState | None = None
         batch = dict(max_batch_size=settings["max_batch_size"], batch_wait_timeout_s=settings["batch_wait_timeout_s"])
         self._recommend = serve.batch(**batch)(self._recommend_batch)
@@ -287,7 +317,7 @@ class Recommender:
             return
         new = ModelState(bundle, user_config.get("data") or "", self.s.get("dtype", "float32"))
         self.state = new  # requests already running finish with the state they started with
-        logger.info(f"recflm serve: serving bundle {new.path} (version {new.version}, {len(new.ids)} items, "
+        _log_now(logging.INFO, f"recflm serve: serving bundle {new.path} (version {new.version}, {len(new.ids)} items, "
                     f"{len(new.histories)} known users, loaded in {new.load_s} s)")
 
     def check_health(self) -> None:
@@ -446,16 +476,16 @@ def _read_token(settings: dict) -> tuple[str | None, str]:
 class Api:
     """The ingress deployment (wrapped by ``serve.ingress()`` and ``serve.deployment`` in ``build_app``)."""
 
-    def __init__(self, model, settings: dict):
+    def __init__(self, model, settings: dict, metrics=None):
         from .serve_metrics import ServeMetrics
 
         self.model, self.s = model, settings
-        self.metrics = ServeMetrics()
+        self.metrics = metrics or ServeMetrics()
         self.token, where = _read_token(settings)
         if self.token:
-            logger.info(f"recflm serve: bearer-token authentication is on (token from {where})")
+            _log_now(logging.INFO, f"recflm serve: bearer-token authentication is on (token from {where})")
         else:
-            logger.warning("recflm serve: authentication is OFF: every client may call the API (set the "
+            _log_now(logging.WARNING, "recflm serve: authentication is OFF: every client may call the API (set the "
                            f"{settings.get('auth_token_env') or 'token'} environment variable or auth_token_file "
                            "to require a bearer token)")
 
@@ -476,6 +506,32 @@ class Api:
 
     def __serve_build_asgi_app__(self):
         return build_fastapi(self)
+
+
+class Service(Api):
+    """The fused layout's one deployment: the ingress with the model in its own process (a Recommender
+    object, not a handle), so that a request costs no call between processes. Bundles still arrive
+    through ``user_config``; ``reconfigure`` and the health check go to the model."""
+
+    def __init__(self, settings: dict):
+        from .serve_metrics import ServeMetrics
+
+        metrics = ServeMetrics()
+        self.recommender = Recommender(settings, metrics)
+        super().__init__(None, settings, metrics)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.recommender.reconfigure(user_config)
+
+    def check_health(self) -> None:
+        self.recommender.check_health()
+
+    async def call(self, method: str, arg=None) -> dict:
+        import inspect
+
+        fn = getattr(self.recommender, method)
+        out = fn(arg) if arg is not None else fn()
+        return await out if inspect.isawaitable(out) else out
 
 
 def build_fastapi(api: Api):
@@ -638,12 +694,14 @@ def build_fastapi(api: Api):
 
 # ----------------------------------------------------------------------------- building and running
 def build_app(cfg: ServeConfig):
-    """The Serve application for ``cfg``: Api (ingress) bound to the Recommender."""
+    """The Serve application for ``cfg``: the fused Recommender (ingress and model in one deployment), or
+    the Api ingress bound to the Recommender (layout "split")."""
     from ray import serve
 
     check_config(cfg)
     # the bundle travels in user_config only, so changing it is a reconfigure, not a new deployment
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("bundle", "data")}
+    fused = cfg.layout == "fused"
     model = serve.deployment(
         name="Recommender", max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus},
@@ -653,7 +711,9 @@ def build_app(cfg: ServeConfig):
                             "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
                             "look_back_period_s": cfg.look_back_period_s},
         user_config={"bundle": cfg.bundle, "data": cfg.data}, health_check_period_s=5,
-        graceful_shutdown_timeout_s=30)(Recommender)
+        graceful_shutdown_timeout_s=30)(serve.ingress()(Service) if fused else Recommender)
+    if fused:
+        return model.bind(settings)
     ingress = serve.deployment(name="Api", num_replicas=cfg.api_replicas,
                                max_ongoing_requests=cfg.api_max_ongoing_requests,
                                ray_actor_options={"num_cpus": cfg.api_cpus})(serve.ingress()(Api))
@@ -692,7 +752,10 @@ def run(cfg: ServeConfig, log=print) -> str:
     if cfg.data:
         cfg.data = str(Path(cfg.data).resolve())
     # a local cluster started here gets enough logical CPUs for every replica at max scale
-    need = cfg.max_replicas * cfg.num_cpus + cfg.api_replicas * cfg.api_cpus + 1
+    need = cfg.max_replicas * cfg.num_cpus + (cfg.layout == "split") * cfg.api_replicas * cfg.api_cpus + 1
+    if cfg.throughput_mode and not ray.is_initialized():  # Serve's processes inherit the environment
+        for k, v in THROUGHPUT_ENV.items():
+            os.environ.setdefault(k, v)
     ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
     if cfg.port == 0:  # any free port
         import socket
