@@ -218,10 +218,10 @@ def main(argv=None) -> int:
     for side in ("HANDLE", "REPLICA"):
         os.environ.setdefault(f"RAY_SERVE_{side}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from recflm.serve import THROUGHPUT_ENV
+    from recflm.serve import set_throughput_env
 
     if not args.no_throughput_mode:
-        os.environ.update(THROUGHPUT_ENV)
+        set_throughput_env()
     import httpx
     import pandas as pd
     import ray

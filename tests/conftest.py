@@ -18,9 +18,6 @@ for k, v in {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-    # Serve's HAProxy ingress and throughput-optimized data plane, as `recflm serve` sets up its own Ray
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
@@ -39,6 +36,9 @@ def ray_session():
     port = s.getsockname()[1]
     s.close()
     temp = Path("/tmp") / f"rft{os.getpid()}"  # short: Ray puts unix sockets under it
+    from recflm.serve import set_throughput_env
+
+    set_throughput_env()  # Serve's HAProxy ingress and throughput data plane, as `recflm serve` starts its own Ray
     ray.init(address="local", num_cpus=4, object_store_memory=768 * 1024**2, _metrics_export_port=port,
              _temp_dir=str(temp), log_to_driver=False, include_dashboard=True,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})

@@ -177,6 +177,21 @@ LAYOUTS = ("fused", "split")
 THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
+def set_throughput_env() -> None:
+    """Put ``THROUGHPUT_ENV`` into this process's environment (unless set already) for a Ray it is about to
+    start: Serve's processes inherit it. HAProxy's stats and metrics listeners get free ports rather than their
+    fixed defaults (8404, 9101), so that two local Rays on one machine do not share them. A replica that
+    leaves drains for 5 s instead of 30: on one node HAProxy hears of it at once, and retries refused
+    connections on other replicas."""
+    from .runtime import free_port
+
+    for k, v in THROUGHPUT_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
+    for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        os.environ.setdefault(k, str(free_port()))
+
+
 def cast_model(model, dtype: str):
     """The model with its weights as served (see ``ServeConfig.dtype``)."""
     import torch
@@ -753,9 +768,8 @@ def run(cfg: ServeConfig, log=print) -> str:
         cfg.data = str(Path(cfg.data).resolve())
     # a local cluster started here gets enough logical CPUs for every replica at max scale
     need = cfg.max_replicas * cfg.num_cpus + (cfg.layout == "split") * cfg.api_replicas * cfg.api_cpus + 1
-    if cfg.throughput_mode and not ray.is_initialized():  # Serve's processes inherit the environment
-        for k, v in THROUGHPUT_ENV.items():
-            os.environ.setdefault(k, v)
+    if cfg.throughput_mode and not ray.is_initialized():
+        set_throughput_env()
     ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
     if cfg.port == 0:  # any free port
         import socket
