@@ -11,9 +11,9 @@ and the throughput ratio. First, a load step against recflm alone: from 1 model 
 until the deployment reaches its maximum, then idle until it is back at its minimum, printing the
 replica count over time.
 
-recflm runs as ``recflm serve`` does by default: the fused layout (each replica is the HTTP ingress
-and the model), Serve's HAProxy ingress and throughput-optimized data plane, one torch thread per
-replica (replicas, not threads, take the cores).
+recflm runs as ``recflm serve`` does by default: Serve's HAProxy ingress and throughput-optimized
+data plane, hence the fused layout (each replica is the HTTP ingress and the model), one torch thread
+per replica (replicas, not threads, take the cores).
 
     python -m jobs.bench_serve --bundle runs/demo/bundle      # a trained bundle
     python -m jobs.bench_serve                                # an untrained mini model (built here)
@@ -199,8 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-threads", type=int, default=os.cpu_count() or 2,
                     help="torch threads of the naive server (default: one per core)")
     ap.add_argument("--max-replicas", type=int, default=2)
-    ap.add_argument("--layout", default="fused", choices=("fused", "split"), help="recflm's deployments: the "
-                    "ingress and the model in one (fused) or two (split)")
+    ap.add_argument("--layout", default="auto", choices=("auto", "fused", "split"), help="recflm's deployments: "
+                    "the ingress and the model in one (fused) or two (split); auto: fused behind HAProxy, else split")
     ap.add_argument("--no-throughput-mode", action="store_true", help="Serve's default Python HTTP proxy and "
                     "data plane instead of its HAProxy ingress and throughput-optimized data plane")
     ap.add_argument("--dtype", default="float32", help="recflm's served weights: float32, bfloat16 or int8 "
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
         return f"{x:.0f} s" if x is not None else f"not within {args.step_limit:.0f} s"
 
     print(f"\nbench_serve: bundle {which}; top-{args.k} at beam {args.beams}; {args.seconds:.0f} s closed loop "
-          f"per level; {os.cpu_count()} cores; recflm: layout {args.layout}, "
+          f"per level; {os.cpu_count()} cores; recflm: layout {cfg.layout}, "
           f"{'HAProxy ingress + throughput-optimized data plane' if not args.no_throughput_mode else 'Python proxy'}, "
           f"{args.threads} torch thread(s) per model replica, weights {args.dtype}, autoscaling 1-{args.max_replicas} "
           f"replicas at {args.target_ongoing:g} ongoing requests each ({args.settle:.0f} s of load before each level); "

@@ -2,11 +2,15 @@
 
 One Serve application, in one of two layouts (``ServeConfig.layout``):
 
-- ``fused`` (default): one deployment, ``Recommender``, each replica the FastAPI ingress and the
-  model at once (``Service``): no call between processes per request, the fastest on CPU.
+- ``fused``: one deployment, ``Recommender``, each replica the FastAPI ingress and the model at
+  once (``Service``): no call between processes per request, the fastest on CPU.
 - ``split``: ``Api``, the ingress, in front of ``Recommender``, the model deployment; for model
   replicas on GPUs while the HTTP work scales on CPUs, or an ingress that retries while model
   replicas restart.
+- ``auto`` (default): fused where Serve's HAProxy ingress runs, split behind Serve's Python proxy.
+  HAProxy closes the connections of a replica that dies at once, while the Python proxy held the
+  requests of a killed fused replica until its request timeout; the split layout's ingress retries
+  them on another model replica.
 
 The ingress (``Api``; ``Service`` is an ``Api`` holding the model itself) is a FastAPI app built
 inside the replica (``__serve_build_asgi_app__``, so the limits in its OpenAPI schema come from the
@@ -88,8 +92,9 @@ class ServeConfig:
     # "fused": one deployment is both the FastAPI ingress and the model (each replica answers HTTP itself: no hop
     # between processes, the fastest on CPU); "split": an ingress deployment (Api) in front of the model deployment
     # (Recommender), for model replicas on GPUs while the HTTP work scales on CPUs, or an ingress that must stay up
-    # while model replicas restart. Both hold the model in a deployment named Recommender.
-    layout: str = "fused"
+    # while model replicas restart. Both hold the model in a deployment named Recommender. "auto": fused where
+    # Serve's HAProxy ingress runs (it drops a dead replica's connections at once), split behind the Python proxy.
+    layout: str = "auto"
     # Serve's HAProxy ingress and throughput-optimized data plane (RAY_SERVE_ENABLE_HA_PROXY=1,
     # RAY_SERVE_THROUGHPUT_OPTIMIZED=1) for a Ray this command starts; a running cluster takes them from its
     # nodes' environment at `ray start` (k8s/rayservice.yaml sets them)
@@ -173,8 +178,25 @@ def _err(status: int, reason: str, field: str, message: str) -> dict:
 
 
 DTYPES = ("float32", "bfloat16", "int8")
-LAYOUTS = ("fused", "split")
+LAYOUTS = ("auto", "fused", "split")
 THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def haproxy_ingress(ray_cluster: bool = False) -> bool:
+    """Whether Serve's HTTP ingress is HAProxy: from this process's environment, or (``ray_cluster``) from
+    the environment the running Ray cluster's workers inherit from their node."""
+    if not ray_cluster:
+        return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
+    import ray
+
+    probe = ray.remote(num_cpus=0)(lambda: os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1")
+    return bool(ray.get(probe.remote(), timeout=120))
+
+
+def resolve_layout(cfg: "ServeConfig", ray_cluster: bool = False) -> str:
+    if cfg.layout != "auto":
+        return cfg.layout
+    return "fused" if haproxy_ingress(ray_cluster) else "split"
 
 
 def set_throughput_env() -> None:
@@ -697,7 +719,7 @@ def build_fastapi(api: Api):
         if "error" in out:
             return answer(out)
         keys = ("beams", "default_k", "max_history", "max_body_bytes", "max_batch_size", "min_replicas", "max_replicas",
-                "dtype")
+                "dtype", "layout")
         return {**out, "api_version": API_VERSION, "auth": bool(api.token), "limits": {k: s[k] for k in keys}}
 
     @app.get("/v1/health", summary="Liveness of the ingress and the model deployment (no token needed)")
@@ -716,7 +738,9 @@ def build_app(cfg: ServeConfig):
     check_config(cfg)
     # the bundle travels in user_config only, so changing it is a reconfigure, not a new deployment
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("bundle", "data")}
-    fused = cfg.layout == "fused"
+    # a Serve config's application builder runs on the cluster, where the environment is the nodes' own
+    settings["layout"] = resolve_layout(cfg)
+    fused = settings["layout"] == "fused"
     model = serve.deployment(
         name="Recommender", max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus},
@@ -767,10 +791,12 @@ def run(cfg: ServeConfig, log=print) -> str:
     if cfg.data:
         cfg.data = str(Path(cfg.data).resolve())
     # a local cluster started here gets enough logical CPUs for every replica at max scale
-    need = cfg.max_replicas * cfg.num_cpus + (cfg.layout == "split") * cfg.api_replicas * cfg.api_cpus + 1
+    need = cfg.max_replicas * cfg.num_cpus + (cfg.layout != "fused") * cfg.api_replicas * cfg.api_cpus + 1
     if cfg.throughput_mode and not ray.is_initialized():
         set_throughput_env()
     ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
+    haproxy = haproxy_ingress(ray_cluster=True)
+    cfg.layout = resolve_layout(cfg, ray_cluster=True)
     if cfg.port == 0:  # any free port
         import socket
 
@@ -798,7 +824,8 @@ def run(cfg: ServeConfig, log=print) -> str:
     url = f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
     _wait_for_proxy(f"http://{host}:{port}/-/healthz")
     log(f"serve: application {cfg.name!r} ready in {time.perf_counter() - t0:.1f} s at {url}/v1 "
-        f"(bundle {cfg.bundle}; OpenAPI docs at {url}/docs; Ray {ray.__version__})")
+        f"(bundle {cfg.bundle}; layout {cfg.layout}; {'HAProxy' if haproxy else 'Python proxy'} ingress; "
+        f"OpenAPI docs at {url}/docs; Ray {ray.__version__})")
     return url
 
 

@@ -296,9 +296,23 @@ def _kill_a_model_replica_under_load(url: str, body: dict, app: str = APP):
     return killed_at, results
 
 
+def test_layout_auto_is_fused_behind_haproxy_only(monkeypatch):
+    from recflm.config import ConfigError
+    from recflm.serve import check_config, resolve_layout
+
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    assert resolve_layout(ServeConfig()) == "fused" and resolve_layout(ServeConfig(layout="split")) == "split"
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert resolve_layout(ServeConfig()) == "split" and resolve_layout(ServeConfig(layout="fused")) == "fused"
+    with pytest.raises(ConfigError, match="layout='joint': expected one of auto, fused, split"):
+        check_config(ServeConfig(layout="joint"))
+
+
 def test_replica_killed_under_load(served):
-    """The fused layout: the killed replica was the HTTP server of the requests it held, which lose their
-    connection; every other request, those sent while the replacement started included, succeeds."""
+    """The fused layout (the test Ray runs Serve's HAProxy ingress): the killed replica was the HTTP server
+    of the requests it held, which lose their connection; every other request, those sent while the
+    replacement started included, succeeds."""
+    assert served["cfg"].layout == "fused" and served["info"]["limits"]["layout"] == "fused"
     user, _ = _known_user(served)
     killed_at, results = _kill_a_model_replica_under_load(served["url"], {"user": user, "k": 3})
     recovered = min(ts for ts, code, _ in results if ts > killed_at + 1 and code == 200)  # the replacement answers
