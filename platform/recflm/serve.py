@@ -184,19 +184,20 @@ THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMI
 
 def haproxy_ingress(ray_cluster: bool = False) -> bool:
     """Whether Serve's HTTP ingress is HAProxy: from this process's environment, or (``ray_cluster``) from
-    the environment the running Ray cluster's workers inherit from their node."""
+    the environment the running Ray cluster's workers inherit from their node (asked with a 0-CPU task)."""
     if not ray_cluster:
         return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
     import ray
 
-    probe = ray.remote(num_cpus=0)(lambda: os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1")
-    return bool(ray.get(probe.remote(), timeout=120))
+    return bool(ray.get(ray.remote(num_cpus=0)(haproxy_ingress).remote(), timeout=120))
 
 
-def resolve_layout(cfg: "ServeConfig", ray_cluster: bool = False) -> str:
+def resolve_layout(cfg: "ServeConfig", haproxy: bool | None = None) -> str:
+    """``cfg.layout``, with "auto" made fused behind HAProxy (``haproxy``; None: this process's environment
+    says), split otherwise."""
     if cfg.layout != "auto":
         return cfg.layout
-    return "fused" if haproxy_ingress(ray_cluster) else "split"
+    return "fused" if (haproxy_ingress() if haproxy is None else haproxy) else "split"
 
 
 def set_throughput_env() -> None:
@@ -796,7 +797,7 @@ def run(cfg: ServeConfig, log=print) -> str:
         set_throughput_env()
     ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
     haproxy = haproxy_ingress(ray_cluster=True)
-    cfg.layout = resolve_layout(cfg, ray_cluster=True)
+    cfg.layout = resolve_layout(cfg, haproxy)
     if cfg.port == 0:  # any free port
         import socket
 
