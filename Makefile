@@ -10,7 +10,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS ?= 0
 export RAY_DATA_DEFAULT_SHUFFLE_STRATEGY ?= hash_shuffle
 
-.PHONY: demo test venv clean serve bench-prepare bench-train bench-decode bench-serve bench-tune
+.PHONY: demo test venv clean serve bench-prepare bench-train bench-decode bench-serve bench-tune bench-quality
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ bench-serve: $(STAMP)
 
 bench-tune: $(STAMP)
 	$(PY) -m jobs.bench_tune
+
+# recflm (quality recipe) against popularity, two-tower and SASRec on the bundled MovieLens data; any table:
+# $(PY) -m jobs.bench_quality --table FILE --columns user=..,item=..,ts=.. [--budget-minutes N]
+bench-quality: $(STAMP)
+	$(PY) -m jobs.bench_quality --bundled
 
 clean:
 	rm -rf runs $(VENV)

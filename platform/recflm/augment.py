@@ -34,9 +34,10 @@ import pandas as pd
 
 from .config import AugmentConfig, PrepareConfig, PromptConfig
 from .dataset import INTERACTIONS, SEQUENCES, PreparedData
-from .prompts import FAMILIES, format_rating, load_templates, usable
+from .prompts import DENSE_FIELD, FAMILIES, format_rating, load_templates, usable
 
 SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
+SEQUENTIAL_STYLES = ("prompt", "dense", "both")
 EVAL_CANDIDATES = 100
 EXAMPLE_COLUMNS = ["family", "template", "source", "target", "user", "item", "split", "epoch"]
 MASK = "<mask>"
@@ -57,6 +58,40 @@ def _context(data_dir: str, templates_dir: str):
     return {"ids": ids, "desc": desc, "index": index, "templates": load_templates(templates_dir or None),
             "manifest": data.manifest, "scale": (data.manifest["config"]["rating_min"],
                                                  data.manifest["config"]["rating_max"])}
+
+
+CLOCK_NAMESPACE = "recflm"
+
+
+def make_epoch_clock(name: str):
+    """A named 0-CPU Ray actor holding the training epoch. The training stream is one lazy dataset that
+    every epoch iterates again (Ray Data re-executes it); its map tasks read the epoch from the clock, so
+    each pass re-draws its examples exactly as ``example_dataset(epoch=e)`` would, and epoch boundaries
+    are the passes' ends. The caller keeps the returned handle alive for the run."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class EpochClock:
+        def __init__(self):
+            self.epoch = 0
+
+        def set(self, epoch: int) -> int:
+            self.epoch = int(epoch)
+            return self.epoch
+
+        def get(self) -> int:
+            return self.epoch
+
+    return EpochClock.options(name=name, namespace=CLOCK_NAMESPACE, get_if_exists=True).remote()
+
+
+def _epoch_of(epoch) -> int:
+    """An epoch number, or the current epoch of the named clock (see ``make_epoch_clock``)."""
+    if isinstance(epoch, str):
+        import ray
+
+        return int(ray.get(ray.get_actor(epoch, namespace=CLOCK_NAMESPACE).get.remote()))
+    return int(epoch)
 
 
 def _rng(seed: int, epoch: int, split: str, key: str) -> np.random.Generator:
@@ -137,6 +172,7 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                       seed: int, prompts: PromptConfig, aug: AugmentConfig, families: list,
                       held_out: bool | None) -> pd.DataFrame:
     """Sequential and direct examples from per-user sequences (one batch of users)."""
+    epoch = _epoch_of(epoch)
     ctx = _context(data_dir, templates_dir)
     ids, n_items, temps = ctx["ids"], len(ctx["ids"]), ctx["templates"]
     primary = ctx["manifest"].get("primary_source")
@@ -144,6 +180,9 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
     if len(batch) == 0:
         return pd.DataFrame(columns=EXAMPLE_COLUMNS)
     H = prompts.max_history
+    style = prompts.sequential_style
+    if style not in SEQUENTIAL_STYLES:
+        raise ValueError(f"prompts.sequential_style={style!r}: expected one of {', '.join(SEQUENTIAL_STYLES)}")
     for user, source, items, index, n_train in zip(batch["user"], batch["source"], batch["items"],
                                                    batch["index"], batch["n_train"]):
         n_train, total = int(n_train), len(items)
@@ -156,7 +195,15 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                 continue
             if n_train < 2:
                 continue
-            if "sequential" in families:
+            if "sequential" in families and style != "prompt":
+                # dense: every window of dense_max_len training items (the latest first) is one
+                # example whose every position is a next-item target
+                L = prompts.dense_max_len
+                for end in range(n_train, 1, -L):
+                    ex = {"user": user, DENSE_FIELD: " ".join(seq[max(0, end - L):end])}
+                    _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out,
+                          {**meta, "item": items[end - 1]})
+            if "sequential" in families and style != "dense":
                 for _ in range(prompts.sequential_per_user):
                     t = int(rng.integers(1, n_train))
                     hist = _augment_history(seq[max(0, t - H):t], rng, aug, ids, seen)
@@ -194,7 +241,11 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
         if t >= total or t < 1:
             continue
         hist = seq[max(0, t - H):t]
-        if "sequential" in families:
+        if "sequential" in families and style != "prompt":
+            L = prompts.dense_max_len
+            ex = {"user": user, DENSE_FIELD: " ".join(seq[max(0, t + 1 - L):t + 1])}
+            _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
+        if "sequential" in families and style != "dense":
             ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
             _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
         if "direct" in families:
@@ -212,6 +263,7 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
                          seed: int, prompts: PromptConfig, aug: AugmentConfig, families: list,
                          held_out: bool | None) -> pd.DataFrame:
     """Rating, explanation and review examples from interaction rows of one split."""
+    epoch = _epoch_of(epoch)
     ctx = _context(data_dir, templates_dir)
     temps, lo, hi = ctx["templates"], *ctx["scale"]
     primary = ctx["manifest"].get("primary_source")
@@ -253,7 +305,8 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
 def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, split: str = "train",
                     epoch: int = 0, families: list | None = None, held_out: bool | None = False,
                     log=print):
-    """Lazy Ray Dataset of prompt examples for one split and epoch.
+    """Lazy Ray Dataset of prompt examples for one split and epoch (``epoch``: a number, or the name of
+    an epoch clock whose value each execution reads, see ``make_epoch_clock``).
 
     ``held_out=False`` (training): only seen templates; ``True``: only held-out ones (zero-shot
     evaluation); ``None``: both. Families the data cannot feed are skipped with a message."""

@@ -61,6 +61,11 @@ class PromptConfig:
 
     families: list = field(default_factory=lambda: ["rating", "sequential", "explanation", "review", "direct"])
     max_history: int = 20
+    # sequential family: prompt (P5: the history in the source, one next-item target per example), dense
+    # (the source names the user, the target is the item sequence: a next-item target at every position,
+    # one token per item), or both
+    sequential_style: str = "prompt"
+    dense_max_len: int = 50  # dense: items per target sequence (longer histories give several windows)
     sequential_per_user: int = 3
     direct_per_user: int = 2
     direct_candidates: int = 20  # candidates in 1-of-N training prompts (evaluation uses 1-of-100)

@@ -44,17 +44,21 @@ class EvalConfig:
     text_examples: int = 300  # rating / explanation / review examples evaluated (0: all)
     baselines: bool = False
     two_tower_epochs: int = 20  # training budget of the baselines (passes over the training interactions)
-    sasrec_epochs: int = 10  # ~4 s an epoch on the bundled data on 2 cores
+    sasrec_epochs: int = 200  # SASRec's most epochs; it stops early on validation NDCG@10 (the valid split)
+    sasrec_patience: int = 10  # ... after this many epochs without improvement, keeping the best epoch
+    sasrec_minutes: float = 0  # ... or after this many minutes of training (0: no limit)
     out: str = ""  # metrics.json path (default: <bundle>/metrics_<split>.json)
     seed: int = 2022
 
 
 # ----------------------------------------------------------------------------- evaluation rows
-def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print) -> tuple[pd.DataFrame, dict]:
-    """One row per (task, user or example): the prompt and what the answer is checked against."""
+def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
+               inference: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """One row per (task, user or example): the prompt (and, dense style, the decoder prefix) and what
+    the answer is checked against. ``inference``: the bundle manifest's settings (``train.inference_settings``)."""
     from .augment import EVAL_CANDIDATES, SPLIT_CODE, _negatives, _rng, example_dataset
     from .dataset import PreparedData
-    from .prompts import load_templates
+    from .prompts import load_templates, sequential_input, sequential_template
 
     data = PreparedData.open(data_dir)
     pcfg = from_dict(PrepareConfig, data.manifest["config"])
@@ -66,32 +70,38 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print) ->
     seqs = seqs[seqs["n_train"] + off >= 1]
     if cfg.max_users:
         seqs = seqs.head(cfg.max_users)
-    H = pcfg.prompts.max_history
-    seq_t = {"seen": next(t for t in temps["sequential"] if not t.held_out),
-             "held-out": next((t for t in temps["sequential"] if t.held_out), None)}
+    inference = inference or {}
+    dense = inference.get("sequential") == "dense"
+    H = int(inference.get("history", pcfg.prompts.max_history))
+    seq_t = {"seen": sequential_template(temps, dense), "held-out": sequential_template(temps, dense, held_out=True)}
     direct_t = next(t for t in temps.get("direct", []) if not t.held_out and "candidates" in t.fields)
+    direct_by_seq = inference.get("direct") == "sequential"
     rows = []
     for user, index, n_train in seqs.itertuples(index=False):
         index = [int(i) for i in index]
         t = int(n_train) + off
         hist = index[:t]
-        text_hist = ", ".join(ids[i] for i in hist[-H:])
         excl = hist if cfg.exclude_seen else []
         for kind, temp in seq_t.items():
             if temp is None:
                 continue
-            src, _ = temp.render({"user": user, "history": text_hist, "item": ids[index[t]]})
-            rows.append({"task": f"sequential/{kind}", "user": user, "source": src, "truth": index[t],
-                         "history": hist, "exclude": excl, "candidates": [], "target": ids[index[t]]})
+            src, prefix = sequential_input(temp, user, [ids[i] for i in hist], H)
+            rows.append({"task": f"sequential/{kind}", "user": user, "source": src, "prefix": prefix or [],
+                         "truth": index[t], "history": hist, "exclude": excl, "candidates": [],
+                         "target": ids[index[t]]})
         # the same fixed draw as the data stage: rng of (seed, epoch 0, split, user)
         urng = _rng(pcfg.seed, 0, cfg.split, user)
         cands = [index[t]] + _negatives(urng, len(ids), set(index), EVAL_CANDIDATES - 1)
         shown = list(cands)
         urng.shuffle(shown)
-        src, _ = direct_t.render({"user": user, "history": ", ".join(ids[i] for i in hist[-5:]), "item": ids[index[t]],
-                                  "candidates": ", ".join(ids[i] for i in shown)})
-        rows.append({"task": "direct", "user": user, "source": src, "truth": index[t], "history": hist,
-                     "exclude": [], "candidates": cands, "target": ids[index[t]]})
+        if direct_by_seq:  # the candidates ranked by the model's next-item scores after the history
+            src, prefix = sequential_input(seq_t["seen"], user, [ids[i] for i in hist], H)
+        else:
+            src, _ = direct_t.render({"user": user, "history": ", ".join(ids[i] for i in hist[-5:]),
+                                      "item": ids[index[t]], "candidates": ", ".join(ids[i] for i in shown)})
+            prefix = None
+        rows.append({"task": "direct", "user": user, "source": src, "prefix": prefix or [], "truth": index[t],
+                     "history": hist, "exclude": [], "candidates": cands, "target": ids[index[t]]})
     fams = [f for f in ("rating", "explanation", "review") if f in data.families and f in temps]
     if fams:
         ex = example_dataset(data_dir, pcfg, split=cfg.split, families=fams, held_out=False,
@@ -101,7 +111,7 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print) ->
             if cfg.text_examples and len(part) > cfg.text_examples:
                 part = part.sample(n=cfg.text_examples, random_state=cfg.seed)
             for r in part.itertuples(index=False):
-                rows.append({"task": fam, "user": r.user, "source": r.source, "truth": -1, "history": [],
+                rows.append({"task": fam, "user": r.user, "source": r.source, "prefix": [], "truth": -1, "history": [],
                              "exclude": [], "candidates": [], "target": r.target, "item": r.item})
     info = {"users": int(len(seqs)), "n_items": len(ids), "scale": (pcfg.rating_min, pcfg.rating_max)}
     return pd.DataFrame(rows), info
@@ -133,11 +143,16 @@ class BundlePredictor:
         out["items"] = [[] for _ in range(len(batch))]
         out["text"] = None
         out["rank"] = -1
+        prefix = [list(p) for p in batch["prefix"]]
+        dense = np.array([len(p) > 0 for p in prefix])
+        tokens = lambda rows: [tok.item_token_ids(prefix[r]) for r in rows]  # noqa: E731
         seq = batch["task"].str.startswith("sequential").to_numpy()
         if seq.any():
             sub = batch[seq]
+            rows = np.flatnonzero(seq)
             items, _ = self.search.search(tok.encode_batch(list(sub["source"])), beams=self.beams, k=self.top_k,
-                                          exclude=list(sub["exclude"]))
+                                          exclude=list(sub["exclude"]),
+                                          prefix=tokens(rows) if dense[rows].all() else None)
             out.loc[seq, "items"] = pd.Series([[int(i) for i in row if i >= 0] for row in items.tolist()],
                                               index=sub.index)
         direct = (batch["task"] == "direct").to_numpy()
@@ -145,8 +160,13 @@ class BundlePredictor:
             from .metrics import rank_among_candidates
 
             sub = batch[direct]
-            scores = score_candidates(model, tok, list(sub["source"]),
-                                      [[self.ids[i] for i in c] for c in sub["candidates"]])
+            rows = np.flatnonzero(direct)
+            if dense[rows].all():  # the next-item scores of the candidates
+                s = self.search.item_scores(tok.encode_batch(list(sub["source"])), tokens(rows)).numpy()
+                scores = [s[r, np.asarray(c, dtype=np.int64)] for r, c in enumerate(sub["candidates"])]
+            else:
+                scores = score_candidates(model, tok, list(sub["source"]),
+                                          [[self.ids[i] for i in c] for c in sub["candidates"]])
             out.loc[direct, "rank"] = [rank_among_candidates(s, 0) for s in scores]
         for fam, new_tokens, beams in (("rating", 4, 1), ("explanation", 32, 4), ("review", 32, 4)):
             m = (batch["task"] == fam).to_numpy()
@@ -183,6 +203,12 @@ def _score(pred: pd.DataFrame, info: dict, k: int) -> dict:
 
 
 def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalConfig, log=print) -> dict:
+    """Train every baseline on the training split and score it on the evaluation rows of ``build_rows``.
+
+    SASRec stops early on full-ranking NDCG@10 of the validation split (each user's training items, then
+    the validation item), keeping its best epoch; the test split is never seen in training or selection
+    (with ``split=valid`` its figures are selected on the split they report, so they flatter it).
+    Scores are computed ``SCORE_BATCH`` users at a time, so a large catalog times many users fits in memory."""
     from .baselines import BASELINES
     from .dataset import PreparedData
     from .metrics import rank_among_candidates, ranking_metrics, ranks_of_truth, rating_metrics
@@ -191,39 +217,58 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
     seqs = data.sequences_pandas(columns=["user", "index", "n_train"])
     users = list(seqs["user"])
     train = [[int(i) for i in ix[:int(n)]] for ix, n in zip(seqs["index"], seqs["n_train"])]
+    # validation: the user's training items, then the validation item (index[n_train]) where there is one
+    has_valid = [len(ix) > int(n) for ix, n in zip(seqs["index"], seqs["n_train"])]
+    valid = ([t for t, v in zip(train, has_valid) if v],
+             [int(ix[int(n)]) for ix, n, v in zip(seqs["index"], seqs["n_train"], has_valid) if v])
     inter = data.interactions_pandas(columns=["user", "item", "rating", "split"])
     inter = inter[(inter["split"] == "train") & inter["rating"].notna()]
-    pos = pd.Index(data.catalog["item"]).get_indexer(inter["item"])
-    ratings = {"items": pos[pos >= 0], "values": inter["rating"].to_numpy()[pos >= 0]}
+    pos = pd.Index(data.catalog["item"]).get_indexer(inter["item"]).astype(np.int64)
+    # a data set without ratings gives empty arrays: popularity then has no rating prediction
+    ratings = {"items": pos[pos >= 0], "values": inter["rating"].to_numpy(dtype=float)[pos >= 0]}
     seq_rows = rows[rows["task"] == "sequential/seen"]
     direct_rows = rows[rows["task"] == "direct"]
+    fit_args = {"two-tower": {"epochs": cfg.two_tower_epochs},
+                "SASRec": {"epochs": cfg.sasrec_epochs, "valid": valid, "patience": cfg.sasrec_patience,
+                           "max_minutes": cfg.sasrec_minutes or None, "log": log}}
     out = {}
     for name, cls in BASELINES.items():
         t0 = time.perf_counter()
-        epochs = {"two-tower": cfg.two_tower_epochs, "SASRec": cfg.sasrec_epochs}.get(name)
-        model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed,
-                                         **({"epochs": epochs} if epochs else {}))
+        model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed, **fit_args.get(name, {}))
         res = {}
-        s = model.scores(list(seq_rows["history"]), list(seq_rows["user"]))
-        for r, ex in enumerate(seq_rows["exclude"]):
-            if len(ex):
-                s[r, np.asarray(ex, dtype=np.int64)] = -np.inf
-        top = np.argsort(-s, axis=1, kind="stable")[:, :cfg.top_k]
-        res["sequential/seen"] = {**ranking_metrics(ranks_of_truth(top.tolist(), list(seq_rows["truth"]))),
-                                  "invalid": 0, "n": int(len(seq_rows))}
-        s = model.scores(list(direct_rows["history"]), list(direct_rows["user"]))
-        ranks = [rank_among_candidates(s[r, np.asarray(c)], 0) for r, c in enumerate(direct_rows["candidates"])]
+        hist, truth, excl = list(seq_rows["history"]), list(seq_rows["truth"]), list(seq_rows["exclude"])
+        seq_users, top = list(seq_rows["user"]), []
+        for b in range(0, len(hist), SCORE_BATCH):
+            s = np.array(model.scores(hist[b:b + SCORE_BATCH], seq_users[b:b + SCORE_BATCH]), dtype=np.float64)
+            for r, ex in enumerate(excl[b:b + SCORE_BATCH]):
+                if len(ex):
+                    s[r, np.asarray(ex, dtype=np.int64)] = -np.inf
+            top.extend(np.argsort(-s, axis=1, kind="stable")[:, :cfg.top_k].tolist())
+        res["sequential/seen"] = {**ranking_metrics(ranks_of_truth(top, truth)), "invalid": 0, "n": int(len(seq_rows))}
+        hist, cands, ranks = list(direct_rows["history"]), list(direct_rows["candidates"]), []
+        d_users = list(direct_rows["user"])
+        for b in range(0, len(hist), SCORE_BATCH):
+            s = model.scores(hist[b:b + SCORE_BATCH], d_users[b:b + SCORE_BATCH])
+            ranks += [rank_among_candidates(s[r, np.asarray(c)], 0) for r, c in enumerate(cands[b:b + SCORE_BATCH])]
         res["direct"] = {**ranking_metrics(ranks, ks_hr=(1, 5, 10), ks_ndcg=(5, 10)), "invalid": 0,
                          "n": int(len(direct_rows))}
         rr = rows[rows["task"] == "rating"]
-        if hasattr(model, "predict_rating") and len(rr):
+        if hasattr(model, "predict_rating") and getattr(model, "rates", True) and len(rr):
             items = pd.Index(data.catalog["item"]).get_indexer(rr["item"])
             res["rating"] = {**rating_metrics(model.predict_rating(list(rr["user"]), items),
                                               [float(t) for t in rr["target"]]), "n": int(len(rr))}
+        for key in ("best_epoch", "epochs_run", "best_val_ndcg10"):
+            if getattr(model, key, None) is not None:
+                res[key] = getattr(model, key)
         res["train_seconds"] = round(time.perf_counter() - t0, 1)
-        log(f"evaluate: baseline {name} trained and scored in {res['train_seconds']} s")
+        stop = (f" (best epoch {res['best_epoch']} of {res['epochs_run']}, valid NDCG@10 "
+                f"{res['best_val_ndcg10']:.4f})" if "best_val_ndcg10" in res else "")
+        log(f"evaluate: baseline {name} trained and scored in {res['train_seconds']} s{stop}")
         out[name] = res
     return out
+
+
+SCORE_BATCH = 1024  # users scored at a time by a baseline (a (batch, n_items) array)
 
 
 TABLE_ROWS = [("sequential/seen", ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "invalid"]),
@@ -268,10 +313,10 @@ def run(cfg: EvalConfig, log=print) -> dict:
     bundle = load_bundle(cfg.bundle)  # fail early on a bad bundle, before any Ray work
     data_dir = cfg.data or bundle.manifest.get("data", {}).get("path")
     ensure_ray()
-    rows, info = build_rows(data_dir, str(bundle.templates_dir), cfg, log)
+    rows, info = build_rows(data_dir, str(bundle.templates_dir), cfg, log, inference=bundle.manifest.get("inference"))
     log(f"evaluate: {info['users']} users, {len(rows)} prompts on split {cfg.split}, "
         f"{cfg.replicas} model replica(s)")
-    cols = rows[["task", "user", "source", "truth", "exclude", "candidates", "target"]]
+    cols = rows[["task", "user", "source", "prefix", "truth", "exclude", "candidates", "target"]]
     step = max(1, math.ceil(len(cols) / max(4, 4 * cfg.replicas)))
     ds = ray.data.from_pandas([cols.iloc[i:i + step] for i in range(0, len(cols), step)])
     threads = max(1, int(cfg.cpus_per_replica))

@@ -147,15 +147,53 @@ class ConstrainedBeamSearch:
     def __init__(self, model, trie: CatalogTrie):
         self.model, self.trie = model, trie
 
+    @property
+    def item_tokens(self) -> torch.Tensor:
+        """The one token of each item (``n_items``,), for catalogs whose IDs are single tokens."""
+        if getattr(self, "_item_tokens", None) is None:
+            trie = self.trie
+            if trie.depth != 2:
+                raise ValueError("a decoder prefix (the dense sequential style) needs one token per item "
+                                 "(item_token_mode=token)")
+            rows, toks, kids = trie.edges(torch.zeros(1, dtype=torch.long))
+            tokens = torch.full((trie.n_items,), -1, dtype=torch.long)
+            # each first-level edge leads to a node whose only edge (</s>) ends one item
+            _, _, leaves = trie.edges(kids)
+            tokens[trie.leaf_item[leaves]] = toks
+            self._item_tokens = tokens
+        return self._item_tokens
+
     @torch.no_grad()
-    def search(self, enc: dict, beams: int = 20, k: int | None = None, exclude: list | None = None):
+    def item_scores(self, enc: dict, prefix: list) -> torch.Tensor:
+        """Log-probability (B, n_items) of every catalog item as the next one after each row's decoder
+        ``prefix`` (the item tokens of its history): the full-catalog ranking of the dense style."""
+        device = next(self.model.parameters()).device
+        enc = {n: v.to(device) for n, v in enc.items()}
+        logp = self.model.next_token_logprobs(enc["input_ids"], enc["attention_mask"], prefix,
+                                              enc.get("whole_word_ids"))
+        return logp[:, self.item_tokens.to(device)].float().cpu()
+
+    @torch.no_grad()
+    def search(self, enc: dict, beams: int = 20, k: int | None = None, exclude: list | None = None,
+               prefix: list | None = None):
         """Top-``k`` items per input row: (items (B, k) long, -1 where fewer exist; scores (B, k)).
 
         ``enc``: input_ids, attention_mask, whole_word_ids (from ``RecTokenizer.encode_batch``).
-        ``exclude``: per row, an iterable of item indices never to return (e.g. already seen)."""
+        ``exclude``: per row, an iterable of item indices never to return (e.g. already seen).
+        ``prefix``: per row, decoder tokens to continue from (the dense style: the history's item
+        tokens); the next item is then one token, so the top-k of the masked catalog scores is exact."""
         k = k or beams
         if k > beams:
             raise ValueError(f"k={k} is larger than the beam width {beams}")
+        if prefix is not None:
+            s = self.item_scores(enc, prefix)
+            for b, items in enumerate(exclude or []):
+                idx = [int(i) for i in items if 0 <= int(i) < self.trie.n_items]
+                if idx:
+                    s[b, idx] = NEG
+            top, items = s.topk(min(k, s.shape[1]), dim=1)
+            items = torch.where(torch.isfinite(top), items, torch.full_like(items, -1))
+            return items, top
         model, trie = self.model, self.trie
         dec = _BeamDecoder(model)  # per search: it holds this batch's caches
         device = next(model.parameters()).device

@@ -15,6 +15,8 @@ from .tokenizer import MAX_WHOLE_WORD
 
 PRESETS = {
     "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
+    # sequence-dense recipe (one token per item, every position supervised): TIGER-like width, 2+2 layers
+    "seq": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4),
     "mini": dict(d_model=288, d_kv=48, d_ff=1152, num_layers=4, num_decoder_layers=4, num_heads=6),
     "small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8),
     "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12),
@@ -39,11 +41,51 @@ class RecT5(T5ForConditionalGeneration):
                             return_dict=True)
 
     def forward(self, input_ids=None, attention_mask=None, whole_word_ids=None, encoder_outputs=None,
-                inputs_embeds=None, **kwargs):
+                inputs_embeds=None, token_losses=False, **kwargs):
+        if token_losses:
+            return self.token_losses(input_ids, attention_mask, kwargs["labels"], whole_word_ids,
+                                     kwargs.get("label_smoothing", 0.0))
         if encoder_outputs is None and inputs_embeds is None and input_ids is not None:
             inputs_embeds, input_ids = self._embed(input_ids, whole_word_ids), None
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, encoder_outputs=encoder_outputs,
                                inputs_embeds=inputs_embeds, **kwargs)
+
+    def token_losses(self, input_ids, attention_mask, labels, whole_word_ids=None, label_smoothing: float = 0.0):
+        """Cross-entropy of every supervised target token (``labels != -100``), computing output logits
+        only there: a dense sequence target (one next-item label per position of a user's history) costs
+        one decoder pass, and padded positions cost no catalog-wide logits. Returns (losses (N,), row (N,)).
+        DDP wraps ``forward``, so ``forward(..., token_losses=True)`` routes here."""
+        import torch.nn.functional as F
+
+        enc = self.encode(input_ids, attention_mask, whole_word_ids)
+        dec_in = self._shift_right(labels)
+        dec = self.decoder(input_ids=dec_in, encoder_hidden_states=enc.last_hidden_state,
+                           encoder_attention_mask=attention_mask, return_dict=True, use_cache=False)
+        h = dec.last_hidden_state
+        if getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings):
+            h = h * self.model_dim ** -0.5
+        keep = labels != -100
+        logits = self.lm_head(h[keep])
+        loss = F.cross_entropy(logits.float(), labels[keep], reduction="none", label_smoothing=label_smoothing)
+        return loss, keep.nonzero()[:, 0]
+
+    @torch.no_grad()
+    def next_token_logprobs(self, input_ids, attention_mask, prefixes: list, whole_word_ids=None) -> torch.Tensor:
+        """Log-probabilities (B, V) of the token after each row's decoder prefix (token ids after the
+        start token; rows may differ in length: right-padded, and the causal decoder never looks ahead)."""
+        enc = self.encode(input_ids, attention_mask, whole_word_ids)
+        B, T = len(prefixes), max(len(p) for p in prefixes) + 1
+        dec_in = torch.full((B, T), self.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+        for r, p in enumerate(prefixes):
+            if len(p):
+                dec_in[r, 1:len(p) + 1] = torch.as_tensor(p, dtype=torch.long)
+        dec = self.decoder(input_ids=dec_in, encoder_hidden_states=enc.last_hidden_state,
+                           encoder_attention_mask=attention_mask, return_dict=True, use_cache=False)
+        last = torch.as_tensor([len(p) for p in prefixes], device=input_ids.device)
+        h = dec.last_hidden_state[torch.arange(B, device=input_ids.device), last]
+        if getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings):
+            h = h * self.model_dim ** -0.5
+        return torch.log_softmax(self.lm_head(h).float(), -1)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, whole_word_ids=None, **kwargs):

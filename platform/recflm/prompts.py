@@ -77,6 +77,28 @@ def usable(templates: list[Template], ex: dict, held_out: bool | None) -> list[T
     return [t for t in templates if t.fields <= have and (held_out is None or t.held_out == held_out)]
 
 
+DENSE_FIELD = "sequence"  # a sequential template whose target is {sequence} is of the dense style
+
+
+def is_dense(t: Template) -> bool:
+    return DENSE_FIELD in t.fields
+
+
+def sequential_template(templates: dict, dense: bool, held_out: bool = False) -> Template | None:
+    """The first sequential template of the given style, seen (training's) or held out (zero-shot)."""
+    return next((t for t in templates["sequential"] if t.held_out == held_out and is_dense(t) == dense), None)
+
+
+def sequential_input(template: Template, user: str, history: list[str], max_history: int) -> tuple[str, list | None]:
+    """The one way evaluation, validation and serving render a next-item request: (encoder source,
+    decoder prefix). Prompt style: the last ``max_history`` item IDs in the source, no prefix. Dense
+    style: the source names the user, and the last ``max_history`` item IDs are the decoder prefix."""
+    shown = list(history)[-max_history:] if max_history > 0 else []
+    if is_dense(template):
+        return template.source.format(user=user), shown
+    return template.source.format(user=user, history=", ".join(shown)), None
+
+
 def format_rating(r: float) -> str:
     return f"{r:.1f}"
 

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, from_dict, load_config, to_dict
+from .prompts import sequential_input
 
 HELP = "serve a model bundle over HTTP with Ray Serve (batched, autoscaling, metrics)"
 API_VERSION = "v1"
@@ -244,7 +245,7 @@ class ModelState:
         from .bundle import load_bundle
         from .config import PrepareConfig, PromptConfig
         from .generate import CatalogTrie, ConstrainedBeamSearch
-        from .prompts import load_templates
+        from .prompts import load_templates, sequential_template
 
         t0 = time.perf_counter()
         self.bundle = load_bundle(bundle)
@@ -275,7 +276,11 @@ class ModelState:
                     return t
             raise ValueError(f"{b.templates_dir}: no seen {family} template uses only {sorted(fields)}")
 
-        self.t_seq = first_seen("sequential", {"user", "history"})
+        # the bundle's inference settings say how it is asked for next items (train.inference_settings)
+        self.inference = dict(b.manifest.get("inference") or {})
+        self.dense = self.inference.get("sequential") == "dense"
+        self.t_seq = sequential_template(temps, self.dense) if self.dense else first_seen("sequential",
+                                                                                          {"user", "history"})
         self.t_rating = first_seen("rating", {"user", "item", "item_desc"})
         self.t_explain = first_seen("explanation", {"user", "item", "item_desc"})
         # known users' training histories and the prompt settings from the dataset, when it is there
@@ -288,6 +293,8 @@ class ModelState:
             dm = json.loads((Path(self.data_dir) / "manifest.json").read_text())
             pc = dm.get("config", {})
             self.max_prompt_history = int(pc.get("prompts", {}).get("max_history", self.max_prompt_history))
+        if "history" in self.inference:
+            self.max_prompt_history = int(self.inference["history"])
             self.scale = (float(pc.get("rating_min", self.scale[0])), float(pc.get("rating_max", self.scale[1])))
             s = pd.read_parquet(seqs, columns=["user", "index", "n_train"])
             self.histories = {str(u): [int(i) for i in ix[:int(n)]] for u, ix, n in
@@ -386,10 +393,9 @@ class Recommender:
             return _err(422, "unknown_user", "user", f"unknown user {user!r} ({why}): send its history "
                         "as a list of item ids in 'history'")
         k = int(req["k"])
-        shown = hist[-st.max_prompt_history:]
-        prompt = st.t_seq.source.format(user=user or "new", history=", ".join(st.ids[i] for i in shown))
+        prompt, prefix = sequential_input(st.t_seq, user or "new", [st.ids[i] for i in hist], st.max_prompt_history)
         exclude = set(hist) if req.get("exclude_seen", True) else set()
-        found = await self._recommend((st, prompt, exclude, k))
+        found = await self._recommend((st, prompt, exclude, k, prefix))
         return {"user": user, "known_user": user in st.histories, "history_source": source,
                 "history_length": len(hist), "k": k,
                 "items": [{"rank": r + 1, **st.item_entry(i), "score": round(s, 4)} for r, (i, s) in enumerate(found)],
@@ -464,9 +470,11 @@ class Recommender:
         out: list = [None] * len(jobs)
         for group in self._groups(jobs):
             st = jobs[group[0]][0]
-            enc = st.bundle.tokenizer.encode_batch([jobs[j][1] for j in group], st.max_source_len)
+            tok = st.bundle.tokenizer
+            enc = tok.encode_batch([jobs[j][1] for j in group], st.max_source_len)
+            prefix = [tok.item_token_ids(jobs[j][4]) for j in group] if st.dense else None
             items, scores = st.search.search(enc, beams=self.s["beams"], k=max(jobs[j][3] for j in group),
-                                             exclude=[jobs[j][2] for j in group])
+                                             exclude=[jobs[j][2] for j in group], prefix=prefix)
             for r, j in enumerate(group):
                 found = [(int(i), float(s)) for i, s in zip(items[r].tolist(), scores[r].tolist()) if i >= 0]
                 out[j] = found[:jobs[j][3]]

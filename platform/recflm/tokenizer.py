@@ -73,19 +73,37 @@ class RecTokenizer:
     def encode_targets(self, texts: list[str], max_length: int = 64) -> torch.Tensor:
         """Labels for the decoder: token ids + ``</s>``, padded with -100 (ignored by the loss)."""
         ids, _ = self._ids_and_words(list(texts), max_length, False)
-        width = max(len(x) for x in ids)
-        labels = torch.full((len(ids), width), -100, dtype=torch.long)
-        for i, row in enumerate(ids):
-            labels[i, : len(row)] = torch.tensor(row)
-        return labels
+        return pad_labels(ids)
 
     def encode_ids(self, text: str) -> list[int]:
         """Token ids of one string + ``</s>`` (e.g. an item ID, for the decoding trie)."""
         return self.hf.encode(text, add_special_tokens=False).ids + [self.eos_id]
 
+    def item_token_ids(self, id_texts) -> list[int]:
+        """The one token of each item ID (a tokenizer trained with ``item_tokens``); an ID that is not
+        one token raises, naming it."""
+        out = []
+        for t in id_texts:
+            i = self.hf.token_to_id(str(t))
+            if i is None:
+                raise ValueError(f"item ID {t!r} is not one token of this tokenizer (the dense sequential style "
+                                 "needs item_token_mode=token)")
+            out.append(i)
+        return out
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids if int(i) not in (self.pad_id, self.eos_id) and int(i) >= 0]
         return self.hf.decode(ids, skip_special_tokens=False).strip()
+
+
+def pad_labels(rows: list[list[int]]) -> torch.Tensor:
+    """Rows of label ids as one tensor, padded with -100 (ignored by the loss)."""
+    width = max(1, max(len(x) for x in rows))
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            labels[i, : len(row)] = torch.tensor(row)
+    return labels
 
 
 def whole_word_ids(text: str, tokens: list[str], offsets: list[tuple[int, int]], added: set) -> list[int]:

@@ -27,12 +27,13 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .config import PrepareConfig, from_dict, to_dict
+from .config import ConfigError, PrepareConfig, from_dict, to_dict
 
 
 @dataclass
@@ -45,6 +46,8 @@ class TrainConfig:
     workers: int = 1  # 0 = Ray Train local mode (in-process, for tests)
     gpu: bool = False
     cpus_per_worker: float = 1.0
+    threads: int = 0  # torch threads per worker (0: Ray's default, one per reserved CPU); more than the
+    # reserved CPUs leaves Ray Data its CPU while the math uses idle cores
     placement_strategy: str = "PACK"  # ScalingConfig placement: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     epochs: int = 3
     batch_size: int = 32
@@ -65,6 +68,9 @@ class TrainConfig:
     log_every: int = 20
     max_failures: int = 2
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    max_minutes: float = 0.0  # stop training after this many minutes (0: no limit); the best epoch is exported
+    patience: int = 0  # early stopping: stop after this many epochs without a better val_ndcg10 (0: off)
+    select_best: bool = True  # export the epoch with the best val_ndcg10, not the last step
     dropout: float | None = None  # model dropout_rate (None: the preset's 0.1, or the bundle's)
     label_smoothing: float = 0.0
     augment: dict = field(default_factory=dict)  # overrides of the dataset's augment.* settings, e.g. {crop: 0.3}
@@ -96,6 +102,7 @@ def _family_counts(batch):
 
 
 PER_USER_FAMILIES = ("sequential", "direct", "span")
+BEST_WEIGHTS = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far
 
 
 def mixing_weights(counts: dict, cfg: "TrainConfig") -> dict:
@@ -119,31 +126,67 @@ def mixing_weights(counts: dict, cfg: "TrainConfig") -> dict:
 
 
 def _batch_tensors(tok, batch, cfg: dict, device):
+    """Encoder inputs, decoder labels and which rows are dense sequences (their labels: one item token
+    per position, no ``</s>``: every position is a next-item target)."""
+    from .tokenizer import pad_labels
+
     enc = tok.encode_batch(list(batch["source"]), cfg["max_source_len"])
-    labels = tok.encode_targets(list(batch["target"]), cfg["max_target_len"])
+    dense = np.array(batch["template"].isin(cfg.get("dense_templates", [])).to_numpy(), dtype=bool)
+    if dense.any():
+        plain = [t for t, d in zip(batch["target"], dense) if not d]
+        plain_ids = iter(tok._ids_and_words(plain, cfg["max_target_len"], False)[0] if plain else [])
+        rows = [tok.item_token_ids(t.split(" "))[-cfg["dense_max_len"]:] if d else next(plain_ids)
+                for t, d in zip(batch["target"], dense)]
+        labels = pad_labels(rows)
+    else:
+        labels = tok.encode_targets(list(batch["target"]), cfg["max_target_len"])
     enc = {k: v.to(device) for k, v in enc.items()}
-    return enc, labels.to(device)
+    return enc, labels.to(device), dense
 
 
-def _example_losses(model, enc, labels, label_smoothing: float = 0.0):
-    """Mean token loss per example (so losses can be split by task family)."""
-    import torch.nn.functional as F
+def _example_losses(model, enc, labels, dense=None, label_smoothing: float = 0.0):
+    """(batch loss, mean token loss per example). Logits are computed at supervised positions only.
+    The batch loss weighs a dense row by its number of next-item targets (each target counts once, as
+    in SASRec) and every other example once (its mean token loss)."""
+    import torch
 
-    out = model(**enc, labels=labels)
-    logp = F.cross_entropy(out.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none",
-                           label_smoothing=label_smoothing)
-    n = (labels != -100).sum(1).clamp(min=1)
-    return logp.sum(1) / n, out
+    loss, row = model(**enc, labels=labels, token_losses=True, label_smoothing=label_smoothing)
+    B = labels.shape[0]
+    total = torch.zeros(B, device=loss.device).index_add(0, row, loss)
+    count = torch.zeros(B, device=loss.device).index_add(0, row, torch.ones_like(loss)).clamp(min=1)
+    per_ex = total / count
+    if dense is None or not dense.any():
+        return per_ex.mean(), per_ex
+    d = torch.as_tensor(dense, device=loss.device)
+    batch_loss = (total[d].sum() + per_ex[~d].sum()) / (count[d].sum() + (~d).sum())
+    return batch_loss, per_ex
 
 
-def _rank_hr10(model, tok, val_rank: list, device, batch: int = 4) -> float:
-    """HR@10 of the true next item among 100 candidates (teacher-forced sequence log-probs)."""
+def _prefix_tokens(tok, chunk: list) -> list | None:
+    """Decoder prefixes (item tokens) of dense-style validation rows, None for prompt-style ones."""
+    if chunk[0]["prefix"] is None:
+        return None
+    return [tok.item_token_ids(ex["prefix"]) for ex in chunk]
+
+
+def _rank_hr10(model, tok, val_rank: list, device, batch: int = 4, search=None) -> float:
+    """HR@10 of the true next item among 100 candidates (teacher-forced sequence log-probs; dense
+    style: the next-item log-probs of the candidates)."""
     import torch
 
     if not val_rank:
         return float("nan")
     hits = 0
     model.eval()
+    if val_rank[0]["prefix"] is not None:
+        for i in range(0, len(val_rank), 256):
+            chunk = val_rank[i:i + 256]
+            s = search.item_scores(tok.encode_batch([ex["source"] for ex in chunk], 256), _prefix_tokens(tok, chunk))
+            for r, ex in enumerate(chunk):
+                c = s[r, ex["cand_index"]]
+                hits += int((c > c[0]).sum().item() < 10)
+        model.train()
+        return hits / len(val_rank)
     with torch.no_grad():
         for ex in val_rank:
             enc = tok.encode_batch([ex["source"]], 256)
@@ -167,21 +210,22 @@ def _rank_hr10(model, tok, val_rank: list, device, batch: int = 4) -> float:
     return hits / len(val_rank)
 
 
-def _full_ranking(model, tok, trie, val_rank: list, beams: int, batch: int = 16) -> dict:
-    """NDCG@10 and HR@10 of the true next item over the whole catalog: constrained beam search,
-    the user's training items excluded (the protocol of ``recflm evaluate``, on a few users)."""
-    from .generate import ConstrainedBeamSearch
+def _full_ranking(model, tok, search, val_rank: list, beams: int, batch: int = 16) -> dict:
+    """NDCG@10 and HR@10 of the true next item over the whole catalog: constrained beam search (dense
+    style: the exact top-k of the next-item scores), the user's training items excluded (the protocol
+    of ``recflm evaluate``, on ``val_users`` users)."""
     from .metrics import ranking_metrics, ranks_of_truth
 
     if not val_rank:
         return {"val_ndcg10": float("nan"), "val_hr10": float("nan")}
-    search = ConstrainedBeamSearch(model, trie)
     lists = []
     model.eval()
+    if val_rank[0]["prefix"] is not None:
+        batch = 256  # one decoder pass per user
     for i in range(0, len(val_rank), batch):
         chunk = val_rank[i:i + batch]
         items, _ = search.search(tok.encode_batch([ex["source"] for ex in chunk], 256), beams=beams, k=10,
-                                 exclude=[ex["exclude"] for ex in chunk])
+                                 exclude=[ex["exclude"] for ex in chunk], prefix=_prefix_tokens(tok, chunk))
         lists += items.tolist()
     model.train()
     m = ranking_metrics(ranks_of_truth(lists, [ex["truth"] for ex in val_rank]), ks_hr=(10,), ks_ndcg=(10,))
@@ -193,11 +237,14 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from .generate import CatalogTrie
+    from .augment import CLOCK_NAMESPACE
+    from .generate import CatalogTrie, ConstrainedBeamSearch
     from .model import RecT5, build_model
     from .tokenizer import RecTokenizer
 
     torch.manual_seed(config["seed"])
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tok = RecTokenizer.load(config["tokenizer"])
@@ -216,9 +263,12 @@ def train_loop(config: dict) -> None:
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
 
     step, history = 0, []
+    # the best epoch so far (val_ndcg10): its weights are exported when select_best is on
+    best = {"score": -math.inf, "epoch": -1, "state": None, "stale": 0}
+    position = {"epoch": 0, "batches": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
         with ckpt.as_directory() as d:
             load_model(core, os.path.join(d, "model.safetensors"), strict=False, device=str(device))
@@ -227,19 +277,31 @@ def train_loop(config: dict) -> None:
             sched.load_state_dict(state["scheduler"])
             step = int(state["step"])
             history = json.loads(Path(d, "history.json").read_text())
+            position.update(epoch=int(state.get("epoch", 0)), batches=int(state.get("epoch_batches", 0)))
+            if "best" in state:
+                best.update(score=float(state["best"]["score"]), epoch=int(state["best"]["epoch"]),
+                            stale=int(state["best"]["stale"]))
+            if rank == 0 and Path(d, BEST_WEIGHTS).exists():
+                best["state"] = load_file(os.path.join(d, BEST_WEIGHTS))
     resumed_at = step
+    t_start = time.perf_counter()
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     shard = ray.train.get_dataset_shard("train")
     accum, bs = config["grad_accum"], config["batch_size"]
-    skip = step * accum  # data position: batches already consumed by this worker
-    window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "loss": {}, "n": {}}
-    epoch, micro = 0, 0
+
+    def new_window():
+        return {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "targets": 0, "loss": {}, "n": {}}
+
+    window = new_window()
+    # data position: the epoch and the batches this worker had consumed of it
+    start_epoch, skip = position["epoch"], position["batches"]
+    epoch, micro = start_epoch, 0
     fail_at = config.get("fail_at_step", -1)
     fail_marker = Path(config["run_dir"]) / "injected_failure"
     smoothing = config.get("label_smoothing", 0.0)
-    trie = CatalogTrie.from_catalog(tok, config["catalog_ids"]) if rank == 0 else None
+    search = ConstrainedBeamSearch(core, CatalogTrie.from_catalog(tok, config["catalog_ids"])) if rank == 0 else None
 
     def save_and_report(metrics: dict, final: bool = False):
         history.append(metrics)
@@ -249,7 +311,13 @@ def train_loop(config: dict) -> None:
             local = config["workers"] == 0
             d = tempfile.mkdtemp(dir=config["run_dir"], prefix="local_ckpt_") if local else tempfile.mkdtemp()
             core.save_pretrained(d, safe_serialization=True)  # config.json + model.safetensors (tied weights)
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step},
+            if best["state"] is not None:  # the best epoch's weights beside the current ones
+                from safetensors.torch import save_file
+
+                save_file(best["state"], os.path.join(d, BEST_WEIGHTS))
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                        "epoch": position["epoch"], "epoch_batches": position["batches"],
+                        "best": {k: best[k] for k in ("score", "epoch", "stale")}},
                        os.path.join(d, "train_state.pt"))
             Path(d, "history.json").write_text(json.dumps(history))
             ray.train.report({**metrics, "final": final}, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -264,74 +332,125 @@ def train_loop(config: dict) -> None:
         losses = []
         with torch.no_grad():
             for b in val.iter_batches(batch_size=bs, batch_format="pandas"):
-                enc, labels = _batch_tensors(tok, b, config, device)
+                enc, labels, dense = _batch_tensors(tok, b, config, device)
                 with autocast:
-                    l, _ = _example_losses(core, enc, labels)
+                    _, l = _example_losses(core, enc, labels, dense)
                 losses.append(l.float().cpu())
         core.train()
         vl = float(torch.cat(losses).mean()) if losses else float("nan")
         m = {"epoch": ep, "epochs_done": ep + 1, "val_loss": vl}  # epochs_done: ASHA's time axis in sweeps
-        if rank != 0:  # only rank 0's metrics are kept
-            return m
-        hr = _rank_hr10(core, tok, config["val_rank"], device)
-        return {**m, "val_hr10_of_100": hr, **_full_ranking(core, tok, trie, config["val_rank"], config["val_beams"])}
+        if rank == 0:  # only rank 0's metrics are kept
+            hr = _rank_hr10(core, tok, config["val_rank"], device, search=search)
+            m.update(val_hr10_of_100=hr, **_full_ranking(core, tok, search, config["val_rank"], config["val_beams"]))
+            score = m["val_ndcg10"] if not math.isnan(m["val_ndcg10"]) else -vl
+            if score > best["score"]:
+                best.update(score=score, epoch=ep, stale=0)
+                best["state"] = {k: v.detach().to("cpu", copy=True) for k, v in core.state_dict().items()}
+            else:
+                best["stale"] += 1
+            m.update(best_epoch=best["epoch"], best_val_ndcg10=best["score"])
+        return m
+
+    def agree(flag: bool) -> bool:
+        """One decision for every rank (rank 0 holds the validation metrics)."""
+        if world == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.broadcast(t, 0)
+        return bool(t.item())
+
+    def out_of_time() -> bool:
+        return bool(config.get("max_minutes")) and (time.perf_counter() - t_start) / 60 >= config["max_minutes"]
 
     model.train()
-    it = shard.iter_batches(batch_size=bs, batch_format="pandas", local_shuffle_buffer_size=config["shuffle_buffer"],
-                            drop_last=True)
-    for batch in it:
-        if skip > 0:
-            skip -= 1
-            continue
-        b_epoch = min(step // config["steps_per_epoch"], config["epochs"] - 1)  # the same on every rank
-        if b_epoch > epoch:
-            m = validate(epoch)
-            m.update(step=step, lr=sched.get_last_lr()[0])
-            if rank == 0:
-                print(f"[recflm] epoch {epoch} done: val_loss {m['val_loss']:.4f} "
-                      f"val HR@10/100 {m['val_hr10_of_100']:.3f} val NDCG@10 {m['val_ndcg10']:.3f}", flush=True)
-            save_and_report(m)
-            epoch = b_epoch
-        enc, labels = _batch_tensors(tok, batch, config, device)
-        # DDP all-reduces only on the last micro-batch of an accumulation
-        sync = (micro + 1) % accum == 0 or not hasattr(model, "no_sync")
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-            per_ex, _ = _example_losses(model, enc, labels, smoothing)
-            loss = per_ex.mean() / accum
-            loss.backward()
-        for fam, l in zip(batch["family"], per_ex.detach().float().cpu().tolist()):
-            window["loss"][fam] = window["loss"].get(fam, 0.0) + l
-            window["n"][fam] = window["n"].get(fam, 0) + 1
-        window["samples"] += len(batch)
-        window["tokens"] += int(enc["attention_mask"].sum()) + int((labels != -100).sum())
-        micro += 1
-        if micro % accum:
-            continue
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if rank == 0 and step == fail_at and not fail_marker.exists():
-            fail_marker.write_text(str(step))
-            raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
-        if step % config["log_every"] == 0:
-            dt = time.perf_counter() - window["t0"]
-            m = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                 "samples_per_s": window["samples"] * world / dt, "tokens_per_s": window["tokens"] * world / dt,
-                 **{f"loss/{f}": window["loss"][f] / window["n"][f] for f in window["loss"]}}
-            m["loss"] = sum(window["loss"].values()) / max(1, sum(window["n"].values()))
-            if rank == 0:
-                fams = " ".join(f"{f}={v:.3f}" for f, v in m.items() if f.startswith("loss/"))
-                print(f"[recflm] step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                      f"{m['samples_per_s']:.0f} samples/s {m['tokens_per_s']:.0f} tok/s | {fams}", flush=True)
-            window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "loss": {}, "n": {}}
-            if config["checkpoint_every"] and step % config["checkpoint_every"] == 0:
-                save_and_report(m)
-        if config["max_steps"] and step >= config["max_steps"]:
+    clock = ray.get_actor(config["epoch_clock"], namespace=CLOCK_NAMESPACE)
+    stopped, m = "", {}
+    for epoch in range(start_epoch, config["epochs"]):
+        ray.get(clock.set.remote(epoch))  # this pass's tasks draw epoch `epoch`'s examples
+        position["epoch"], position["batches"] = epoch, 0
+        for batch in shard.iter_batches(batch_size=bs, batch_format="pandas", drop_last=True,
+                                        local_shuffle_buffer_size=config["shuffle_buffer"],
+                                        local_shuffle_seed=config["seed"] + epoch):
+            position["batches"] += 1
+            if skip > 0:  # resumed mid-epoch: the batches this worker had consumed
+                skip -= 1
+                continue
+            enc, labels, dense = _batch_tensors(tok, batch, config, device)
+            # DDP all-reduces only on the last micro-batch of an accumulation
+            sync = (micro + 1) % accum == 0 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                batch_loss, per_ex = _example_losses(model, enc, labels, dense, smoothing)
+                loss = batch_loss / accum
+                loss.backward()
+            for fam, l in zip(batch["family"], per_ex.detach().float().cpu().tolist()):
+                window["loss"][fam] = window["loss"].get(fam, 0.0) + l
+                window["n"][fam] = window["n"].get(fam, 0) + 1
+            window["samples"] += len(batch)
+            window["tokens"] += int(enc["attention_mask"].sum()) + int((labels != -100).sum())
+            # next-item predictions that receive a loss: every position of a dense row, one per prompt
+            window["targets"] += int((labels[torch.as_tensor(dense)] != -100).sum()) + int(
+                ((batch["family"] == "sequential").to_numpy() & ~dense).sum())
+            micro += 1
+            if micro % accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if rank == 0 and step == fail_at and not fail_marker.exists():
+                fail_marker.write_text(str(step))
+                raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+            if step % config["log_every"] == 0:
+                dt = time.perf_counter() - window["t0"]
+                m = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                     "samples_per_s": window["samples"] * world / dt, "tokens_per_s": window["tokens"] * world / dt,
+                     "targets_per_s": window["targets"] * world / dt,
+                     **{f"loss/{f}": window["loss"][f] / window["n"][f] for f in window["loss"]}}
+                m["loss"] = sum(window["loss"].values()) / max(1, sum(window["n"].values()))
+                if rank == 0:
+                    fams = " ".join(f"{f}={v:.3f}" for f, v in m.items() if f.startswith("loss/"))
+                    print(f"[recflm] step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                          f"{m['samples_per_s']:.0f} samples/s {m['targets_per_s']:.0f} targets/s "
+                          f"{m['tokens_per_s']:.0f} tok/s | {fams}", flush=True)
+                window = new_window()
+                if config["checkpoint_every"] and step % config["checkpoint_every"] == 0:
+                    save_and_report(m)
+            if config["max_steps"] and step >= config["max_steps"]:
+                stopped = f"max_steps: {config['max_steps']}"
+                break
+            if step % 10 == 0 and agree(out_of_time()):
+                stopped = f"time limit: {config['max_minutes']} minutes"
+                break
+        if stopped:
             break
-    m = validate(epoch)
-    m.update(step=step, resumed_at=resumed_at, world_size=world)
+        m = validate(epoch)
+        m.update(step=step, lr=sched.get_last_lr()[0])
+        window = new_window()  # throughput windows leave validation out
+        position["epoch"], position["batches"] = epoch + 1, 0  # a checkpoint here resumes at the next epoch
+        if rank == 0:
+            print(f"[recflm] epoch {epoch} done: val_loss {m['val_loss']:.4f} "
+                  f"val HR@10/100 {m['val_hr10_of_100']:.3f} val NDCG@10 {m['val_ndcg10']:.4f} "
+                  f"(best {m['best_val_ndcg10']:.4f} at epoch {m['best_epoch']}) "
+                  f"{(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
+        if epoch == config["epochs"] - 1:
+            break  # the final report below carries this validation
+        save_and_report(m)
+        if agree(bool(config.get("patience")) and best["stale"] >= config["patience"]):
+            stopped = f"early stop: no better val_ndcg10 for {config['patience']} epochs"
+            break
+        if agree(out_of_time()):
+            stopped = f"time limit: {config['max_minutes']} minutes"
+            break
+    if stopped and rank == 0:
+        print(f"[recflm] {stopped}, at step {step}", flush=True)
+    if not m or "val_loss" not in m or stopped.startswith(("max_steps", "time")):
+        m = validate(epoch)  # stopped mid-epoch (or nothing left to run): validate what was trained
+    m = {**m, "step": step}
+    m.update(resumed_at=resumed_at, world_size=world, stopped=stopped or "done",
+             train_minutes=round((time.perf_counter() - t_start) / 60, 2))
     if world > 1:  # the Ray node each rank ran on (rank 0 reports them)
         import ray
         import torch.distributed as dist
@@ -343,24 +462,38 @@ def train_loop(config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int) -> list[dict]:
-    """Validation users' prompts (one seen sequential template), their next item (``truth``), their
-    training items (``exclude``) and 99 fixed negatives (``candidates[1:]``)."""
-    from .augment import _negatives
-    from .prompts import load_templates
+def inference_settings(pcfg: PrepareConfig) -> dict:
+    """How evaluation and serving ask the trained model for next items (the bundle manifest's
+    ``inference``): the sequential style and how many history items the prompt or prefix holds."""
+    dense = pcfg.prompts.sequential_style != "prompt"
+    return {"sequential": "dense" if dense else "prompt",
+            "history": pcfg.prompts.dense_max_len - 1 if dense else pcfg.prompts.max_history,
+            # dense bundles rank a fixed candidate list by the same next-item scores
+            "direct": "sequential" if dense else "prompt"}
 
+
+def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int) -> list[dict]:
+    """Validation users' inputs (``sequential_input`` with the first seen template of the run's
+    style), their next item (``truth``), their training items (``exclude``) and 99 fixed negatives
+    (``candidates[1:]``, ``cand_index``). Users are a seeded sample, not the first ``n_users``."""
+    from .augment import _negatives
+    from .prompts import load_templates, sequential_input, sequential_template
+
+    inf = inference_settings(cfg)
     seqs = data.sequences_pandas(columns=["user", "ids", "index", "n_train"])
-    seqs = seqs[seqs["ids"].map(len) > seqs["n_train"]].head(n_users)
-    temp = [t for t in load_templates(cfg.prompts.templates_dir or None)["sequential"] if not t.held_out][0]
+    seqs = seqs[seqs["ids"].map(len) > seqs["n_train"]]
+    if len(seqs) > n_users:
+        seqs = seqs.sample(n=n_users, random_state=seed)
+    temp = sequential_template(load_templates(cfg.prompts.templates_dir or None), inf["sequential"] == "dense")
     ids = data.id_texts
     rng = np.random.default_rng(seed)
     out = []
     for user, seq, index, n_train in seqs.itertuples(index=False):
-        hist = list(seq[max(0, n_train - cfg.prompts.max_history):n_train])
-        src, tgt = temp.render({"user": user, "history": ", ".join(hist), "item": seq[n_train]})
-        neg = [ids[j] for j in _negatives(rng, len(ids), set(int(i) for i in index), 99)]
-        out.append({"source": src, "candidates": [tgt] + neg, "truth": int(index[n_train]),
-                    "exclude": [int(i) for i in index[:n_train]]})
+        src, prefix = sequential_input(temp, user, list(seq[:n_train]), inf["history"])
+        neg = _negatives(rng, len(ids), set(int(i) for i in index), 99)
+        cand = [int(index[n_train])] + neg
+        out.append({"source": src, "prefix": prefix, "candidates": [ids[j] for j in cand], "cand_index": cand,
+                    "truth": int(index[n_train]), "exclude": [int(i) for i in index[:n_train]]})
     return out
 
 
@@ -384,6 +517,7 @@ class TrainSetup:
     run_dir: Path
     datasets: dict
     loop_cfg: dict
+    clock: object = None  # the epoch clock actor (kept alive by holding this)
 
 
 def family_counts(data_dir: str, pcfg: PrepareConfig, families: list, log=print) -> dict:
@@ -399,7 +533,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     """Tokenizer (trained for pretrain, the bundle's for finetune), the lazy example streams and the
     per-worker config. Needs a connected Ray; runs in ``run`` and in each Tune trial's driver.
     ``counts``: examples per family, when the caller knows them (a sweep counts once for all trials)."""
-    from .augment import example_dataset
+    from .augment import example_dataset, make_epoch_clock
     from .bundle import load_bundle
     from .dataset import PreparedData
     from .tokenizer import train_tokenizer
@@ -410,6 +544,9 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     run_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp()) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     pcfg = prepare_config(cfg, data)
+    if pcfg.prompts.sequential_style != "prompt" and cfg.item_token_mode != "token" and not cfg.init_bundle:
+        raise ConfigError(f"prompts.sequential_style={pcfg.prompts.sequential_style!r} needs one token per item: "
+                          "set item_token_mode=token")
     tok_path = run_dir / "tokenizer.json"
     if cfg.init_bundle:
         load_bundle(cfg.init_bundle).tokenizer.save(tok_path)
@@ -421,22 +558,24 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         train_tokenizer(corpus, cfg.vocab_size, item_tokens=items).save(tok_path)
         log(f"pretrain: tokenizer trained on {len(corpus)} texts -> {tok_path}")
 
-    # one lazy stream per epoch (each re-draws its examples), globally shuffled so that every batch
-    # mixes the task families (built from two tables); block-order shuffling alone left windows of
-    # hundreds of steps with one family
+    # one lazy stream that every epoch iterates again: its tasks read the epoch from a clock actor the
+    # loop sets, so each pass re-draws its examples (see augment.make_epoch_clock); blocks in random
+    # order, and the loop's local shuffle buffer (seeded per epoch) mixes the task families of a batch
     counts = counts or family_counts(cfg.data, pcfg, cfg.families, log)
     keep = mixing_weights(counts, cfg)
     per_epoch = sum(n * keep.get(f, 1.0) for f, n in counts.items())
     log("pretrain: examples per epoch " + ", ".join(f"{f} {counts[f] * keep[f]:.0f}/{counts[f]}" for f in counts))
-    epochs = []
-    for e in range(cfg.epochs):
-        ds = example_dataset(cfg.data, pcfg, split="train", epoch=e, families=cfg.families, log=lambda *a: None)
-        if any(v < 1 for v in keep.values()):
-            ds = ds.map_batches(_family_filter, fn_kwargs={"weights": keep, "seed": cfg.seed}, batch_format="pandas")
-        epochs.append(ds.random_shuffle(seed=cfg.seed + e))
-    train_ds = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
+    clock_name = f"recflm-epoch-{name}-{uuid.uuid4().hex[:8]}"
+    clock = make_epoch_clock(clock_name)
+    train_ds = example_dataset(cfg.data, pcfg, split="train", epoch=clock_name, families=cfg.families,
+                               log=lambda *a: None)
+    if any(v < 1 for v in keep.values()):
+        train_ds = train_ds.map_batches(_family_filter, fn_kwargs={"weights": keep, "seed": cfg.seed},
+                                        batch_format="pandas")
+    train_ds = train_ds.randomize_block_order(seed=cfg.seed)
     workers = max(1, cfg.workers)
-    total = math.ceil(per_epoch * cfg.epochs / (cfg.batch_size * workers * cfg.grad_accum))
+    steps_per_epoch = max(1, math.ceil(per_epoch / (cfg.batch_size * workers * cfg.grad_accum)))
+    total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     val_ds = example_dataset(cfg.data, pcfg, split="valid", families=[f for f in cfg.families if f != "span"],
@@ -444,11 +583,15 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log(f"pretrain: run {name!r}: {per_epoch:.0f} examples/epoch, {total} steps, {cfg.workers} worker(s), "
         f"storage {storage}")
+    from .prompts import is_dense, load_templates
+
+    dense_ids = [t.id for t in load_templates(pcfg.prompts.templates_dir or None)["sequential"] if is_dense(t)]
     loop_cfg = {**to_dict(cfg), "tokenizer": str(tok_path), "total_steps": total, "run_dir": str(run_dir),
-                "steps_per_epoch": max(1, math.ceil(total / cfg.epochs)),
+                "dense_templates": dense_ids, "dense_max_len": pcfg.prompts.dense_max_len,
+                "steps_per_epoch": steps_per_epoch, "epoch_clock": clock_name,
                 "val_rank": _val_ranking(data, pcfg, cfg.val_users, cfg.seed), "catalog_ids": data.id_texts,
                 "init_bundle": str(Path(cfg.init_bundle).resolve()) if cfg.init_bundle else ""}
-    return TrainSetup(cfg, name, storage, run_dir, {"train": train_ds, "val": val_ds}, loop_cfg)
+    return TrainSetup(cfg, name, storage, run_dir, {"train": train_ds, "val": val_ds}, loop_cfg, clock)
 
 
 def make_trainer(s: TrainSetup, callbacks: list | None = None):
@@ -482,14 +625,25 @@ def export_bundle(cfg: TrainConfig, checkpoint, run_dir: str | Path, out: str | 
     data = PreparedData.open(cfg.data)
     run_dir = Path(run_dir)
     with checkpoint.as_directory() as d:
+        use_best = cfg.select_best and Path(d, BEST_WEIGHTS).exists()
         model = RecT5.from_pretrained(d, use_safetensors=True)
+        if use_best:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(os.path.join(d, BEST_WEIGHTS)))
         history = json.loads(Path(d, "history.json").read_text())
+    last = history[-1] if history else {}
+    if use_best:
+        log(f"pretrain: exporting the best epoch ({last.get('best_epoch')}, val_ndcg10 "
+            f"{last.get('best_val_ndcg10', float('nan')):.4f}) rather than the last step")
     (run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
     manifest = {"data": {"path": str(Path(cfg.data).resolve()), "sources": data.manifest.get("sources"),
                          "indexing": data.manifest.get("indexing")},
                 "train_config": to_dict(cfg), "run": {"name": run_dir.name,
                         "storage_path": cfg.storage_path if "://" in cfg.storage_path else str(run_dir.parent)},
-                "metrics": history[-1] if history else {}, "init_bundle": cfg.init_bundle or None, **(extra or {})}
+                "metrics": last, "exported": "best" if use_best else "last",
+                "inference": inference_settings(prepare_config(cfg, data)),
+                "init_bundle": cfg.init_bundle or None, **(extra or {})}
     templates = (Path(cfg.init_bundle) / "templates" if cfg.init_bundle
                  else prepare_config(cfg, data).prompts.templates_dir or None)
     tok = RecTokenizer.load(run_dir / "tokenizer.json")
