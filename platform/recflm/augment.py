@@ -15,6 +15,11 @@ Augmentation operators (probabilities in ``AugmentConfig``), applied to training
 - ``merge_sources``: users of secondary sources join an epoch with this probability (expansion by
   merging sources; the first source is the primary one and is always in)
 
+The sequential family has two styles (``prompts.sequential_style``): ``prompt`` (P5: the history in
+the source, one next-item target) and ``dense`` (the target is a window of the user's training items,
+one token per item, every position a next-item target; see ``prompts.sequential_input`` for how
+inference renders it); ``both`` emits the two.
+
 The ``span`` family (asked for by name) is the self-supervised objective on raw sequences: a
 contiguous span of 1-3 training items is replaced by ``<mask>`` and is the target.
 

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="prepared dataset directory (config key: data)")
         p.add_argument("--out", "-o", help="bundle directory to write (config key: out)")
         p.add_argument("--name", help="run name; the same name resumes (config key: name)")
-        p.add_argument("--preset", choices=["tiny", "mini", "small", "base"], help="model size (config key: preset)")
+        p.add_argument("--preset", choices=["tiny", "seq", "mini", "small", "base"], help="model size (config key: preset)")
         p.add_argument("--workers", type=int, help="Ray Train workers (config key: workers)")
         p.add_argument("--gpu", action="store_true", help="train on GPUs (NCCL, bf16 autocast)")
         p.add_argument("--storage-path", help="checkpoint storage: a path or URI such as s3://bucket/runs")

@@ -121,7 +121,7 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
 class BundlePredictor:
     """A model replica for ``map_batches``: loads the bundle once, answers every task of a batch."""
 
-    def __init__(self, bundle: str, beams: int, top_k: int, threads: int = 1):
+    def __init__(self, bundle: str, beams: int, top_k: int, threads: int = 1, scale: tuple = (1.0, 5.0)):
         import torch
 
         from .bundle import load_bundle
@@ -131,11 +131,11 @@ class BundlePredictor:
         self.b = load_bundle(bundle)
         self.trie = CatalogTrie.from_catalog(self.b.tokenizer, list(self.b.catalog["id_text"]))
         self.search = ConstrainedBeamSearch(self.b.model, self.trie)
-        self.beams, self.top_k = beams, top_k
+        self.beams, self.top_k, self.scale = beams, top_k, tuple(scale)
         self.ids = list(self.b.catalog["id_text"])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from .generate import generate_text, score_candidates
+        from .generate import generate_text, predict_ratings, score_candidates
 
         tok, model = self.b.tokenizer, self.b.model
         out = pd.DataFrame({"task": batch["task"], "user": batch["user"], "truth": batch["truth"],
@@ -168,7 +168,10 @@ class BundlePredictor:
                 scores = score_candidates(model, tok, list(sub["source"]),
                                           [[self.ids[i] for i in c] for c in sub["candidates"]])
             out.loc[direct, "rank"] = [rank_among_candidates(s, 0) for s in scores]
-        for fam, new_tokens, beams in (("rating", 4, 1), ("explanation", 32, 4), ("review", 32, 4)):
+        m = (batch["task"] == "rating").to_numpy()
+        if m.any():  # the expected rating over the scale's rating texts (as serving answers)
+            out.loc[m, "text"] = predict_ratings(model, tok, list(batch.loc[m, "source"]), *self.scale)
+        for fam, new_tokens, beams in (("explanation", 32, 4), ("review", 32, 4)):
             m = (batch["task"] == fam).to_numpy()
             if m.any():
                 out.loc[m, "text"] = generate_text(model, tok, list(batch.loc[m, "source"]), new_tokens, beams)
@@ -322,7 +325,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
     threads = max(1, int(cfg.cpus_per_replica))
     pred = ds.map_batches(BundlePredictor, fn_constructor_kwargs={"bundle": str(Path(cfg.bundle).resolve()),
                                                                   "beams": cfg.beams, "top_k": cfg.top_k,
-                                                                  "threads": threads},
+                                                                  "threads": threads, "scale": info["scale"]},
                           batch_size=cfg.batch_size, batch_format="pandas",
                           compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
                           num_cpus=cfg.cpus_per_replica).to_pandas()

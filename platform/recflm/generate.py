@@ -338,3 +338,28 @@ def score_candidates(model, tokenizer, sources: list[str], candidates: list[list
         lab = labels[:, t]
         total += torch.where(lab != -100, logp.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
     return list(total.reshape(B, n).float().cpu().numpy())
+
+
+def rating_values(lo: float, hi: float) -> list[str]:
+    """Every rating text the data stage renders on the scale [lo, hi] (one decimal, see prompts.format_rating)."""
+    n = int(round((hi - lo) * 10))
+    return [f"{lo + i / 10:.1f}" for i in range(n + 1)]
+
+
+@torch.no_grad()
+def predict_ratings(model, tokenizer, sources: list[str], lo: float, hi: float, max_source_len: int = 256) -> list[str]:
+    """Rating answers as the model's *expected* rating: every rating text of the scale is scored
+    (teacher-forced sequence log-probability, ``score_candidates``), the scores are normalised over the
+    scale and the mean is returned as text (two decimals). The mean, not the most likely text, is what
+    minimises squared error; the output is always a number on the scale."""
+    if not sources:
+        return []
+    values = rating_values(lo, hi)
+    scores = score_candidates(model, tokenizer, sources, [values] * len(sources), max_source_len)
+    grid = np.array([float(v) for v in values])
+    out = []
+    for s in scores:
+        p = np.exp(s - s.max())
+        out.append(f"{float((p / p.sum()) @ grid):.2f}")
+    return out
+

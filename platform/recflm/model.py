@@ -16,7 +16,10 @@ from .tokenizer import MAX_WHOLE_WORD
 PRESETS = {
     "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
     # sequence-dense recipe (one token per item, every position supervised): TIGER-like width, 2+2 layers
-    "seq": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4),
+    # (SASRec-like scale: small initial embeddings and unscaled output logits, so item embeddings learn
+    # their scores in a few epochs instead of creeping from N(0, 1) through a d_model^-0.5 output scale)
+    "seq": dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4,
+                scale_outputs=False, embed_std=0.02),
     "mini": dict(d_model=288, d_kv=48, d_ff=1152, num_layers=4, num_decoder_layers=4, num_heads=6),
     "small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8),
     "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12),
@@ -99,9 +102,18 @@ def build_model(preset: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, 
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r} (known: {', '.join(PRESETS)})")
     geometry = {"dropout_rate": 0.1, **PRESETS[preset], **overrides}
+    embed_std = geometry.pop("embed_std", None)
+    # T5's tie_word_embeddings=False is its switch for *unscaled* output logits (T5 v1.1); the weights
+    # stay tied either way (transformers forces tying), and config.json keeps scale_decoder_outputs
+    scale = geometry.pop("scale_outputs", True)
     cfg = T5Config(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id,
-                   feed_forward_proj="relu", tie_word_embeddings=True, max_whole_word=MAX_WHOLE_WORD, **geometry)
-    return RecT5(cfg)
+                   feed_forward_proj="relu", tie_word_embeddings=scale, max_whole_word=MAX_WHOLE_WORD, **geometry)
+    model = RecT5(cfg)
+    if embed_std:
+        with torch.no_grad():
+            model.shared.weight.normal_(0.0, embed_std)
+            model.whole_word_embed.weight.normal_(0.0, embed_std)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -95,7 +95,7 @@ def sequential_input(template: Template, user: str, history: list[str], max_hist
     style: the source names the user, and the last ``max_history`` item IDs are the decoder prefix."""
     shown = list(history)[-max_history:] if max_history > 0 else []
     if is_dense(template):
-        return template.source.format(user=user), shown
+        return template.source.format(user=user) if "user" in template.fields else template.source, shown
     return template.source.format(user=user, history=", ".join(shown)), None
 
 

@@ -20,8 +20,8 @@ each bad request with a 4xx that names the field and the problem, and records th
 through ``user_config`` (``{"bundle", "data"}``); ``reconfigure`` loads a new bundle beside the old
 one and swaps it in, so requests keep being answered during a rollout. It checks item and user ids
 against its own catalog and answers with batched model calls (``serve.batch``): constrained beam
-search over the catalog for recommendations (catalog items only, the history excluded), greedy
-decoding for ratings and beam decoding for explanations.
+search over the catalog for recommendations (catalog items only, the history excluded),
+expected-rating decoding (the mean over the scale's rating texts) for ratings and beam decoding for explanations.
 
 ``throughput_mode`` (default on) starts a local Ray with Serve's HAProxy ingress and
 throughput-optimized data plane (``THROUGHPUT_ENV``); a cluster takes them from its environment.
@@ -496,7 +496,20 @@ class Recommender:
         import asyncio
 
         self.metrics.batch.observe(len(jobs), tags={"task": "rating"})
-        return await asyncio.to_thread(self._generate, jobs, 4, 1)
+        return await asyncio.to_thread(self._expected_ratings, jobs)
+
+    def _expected_ratings(self, jobs: list[tuple]) -> list[str]:
+        """The expected rating over the scale's rating texts, as ``recflm evaluate`` scores it."""
+        from .generate import predict_ratings
+
+        out: list = [None] * len(jobs)
+        for group in self._groups(jobs):
+            st = jobs[group[0]][0]
+            texts = predict_ratings(st.bundle.model, st.bundle.tokenizer, [jobs[j][1] for j in group], *st.scale,
+                                    st.max_source_len)
+            for j, t in zip(group, texts):
+                out[j] = t
+        return out
 
     async def _explain_batch(self, jobs: list[tuple]) -> list[str]:
         import asyncio

@@ -1,14 +1,19 @@
 """``recflm pretrain`` / ``recflm finetune``: the model trained data-parallel on Ray Train.
 
 The driver trains the tokenizer (pretrain) or takes the bundle's (finetune), builds the lazy
-example stream (every epoch re-drawn, see augment.py) and runs a ``TorchTrainer``: DDP over gloo on
-CPU and NCCL on GPU. Each worker streams its shard with ``get_dataset_shard``, trains with AdamW,
-linear warm-up and decay, clipping and accumulation (bf16 autocast on GPU), reports loss per task
-family, learning rate, samples/s and tokens/s, checkpoints every ``checkpoint_every`` steps (model,
-optimizer, scheduler, step = data position) and, at each epoch end, validation loss and cheap
-ranking metrics on a few fixed validation users (``val_users``): HR@10 of the next item among 100
-candidates (teacher-forced scores) and NDCG@10 / HR@10 over the whole catalog (constrained beam
-search, the user's items excluded): ``val_ndcg10`` is what tuning sweeps stop and select on.
+example stream and runs a ``TorchTrainer``: DDP over gloo on CPU and NCCL on GPU. Each epoch is one
+pass over the worker's shard (``get_dataset_shard``): the stream is re-executed every pass, its
+tasks read the epoch from a clock actor the loop sets (``augment.make_epoch_clock``), so each pass
+re-draws its examples. Workers train with AdamW, linear warm-up and decay, clipping and accumulation
+(bf16 autocast on GPU); the loss computes output logits at supervised positions only and weighs a
+dense sequential row by its number of next-item targets (``_example_losses``). They report loss per
+task family, learning rate, samples/s, targets/s (next-item predictions that get a loss) and tokens/s,
+checkpoint every ``checkpoint_every`` steps (model, optimizer, scheduler, step, epoch and the batches
+consumed of it, the best epoch's weights) and, at each epoch end, validation loss and ranking metrics
+on ``val_users`` seeded validation users: HR@10 of the next item among 100 candidates and NDCG@10 /
+HR@10 over the whole catalog (constrained beam search, or the exact top-k of a dense bundle, the
+user's items excluded): ``val_ndcg10`` is what early stopping (``patience``), the exported best epoch
+(``select_best``) and tuning sweeps select on. ``max_minutes`` caps the training time.
 
 Fine-tune settings a sweep searches (lr, warm-up, epochs, batch size, family weights, families,
 dropout, label smoothing, ``augment.*`` / ``prompts.*`` overrides of the dataset's config) are all
@@ -502,8 +507,13 @@ def prepare_config(cfg: TrainConfig, data) -> PrepareConfig:
     from .config import AugmentConfig, PromptConfig
 
     pcfg = from_dict(PrepareConfig, data.manifest["config"])
+    # a fine-tune keeps the prompt settings its bundle was trained with (e.g. the dense style) unless overridden
+    inherited = {}
+    if cfg.init_bundle and Path(cfg.init_bundle, "manifest.json").is_file():
+        inherited = json.loads(Path(cfg.init_bundle, "manifest.json").read_text()).get("train_config", {}).get(
+            "prompts", {})
     pcfg.augment = from_dict(AugmentConfig, {**to_dict(pcfg.augment), **cfg.augment}, prefix="augment.")
-    pcfg.prompts = from_dict(PromptConfig, {**to_dict(pcfg.prompts), **cfg.prompts}, prefix="prompts.")
+    pcfg.prompts = from_dict(PromptConfig, {**to_dict(pcfg.prompts), **inherited, **cfg.prompts}, prefix="prompts.")
     return pcfg
 
 

@@ -114,3 +114,17 @@ def test_score_candidates_equals_teacher_forced_forward(setup):
         assert np.allclose(g, ref, atol=1e-4)
     uneven = score_candidates(model, tok, sources[:2], [cands[0], cands[1][:3]])  # different counts per source
     assert np.allclose(uneven[0], got[0], atol=1e-4) and np.allclose(uneven[1], got[1][:3], atol=1e-4)
+
+
+def test_expected_rating_is_the_mean_over_the_scale(setup):
+    from recflm.generate import predict_ratings, rating_values
+
+    tok, model, _, _, sources = setup
+    values = rating_values(1.0, 5.0)
+    assert values[0] == "1.0" and values[-1] == "5.0" and len(values) == 41
+    got = predict_ratings(model, tok, sources[:3], 1.0, 5.0)
+    scores = score_candidates(model, tok, sources[:3], [values] * 3)
+    for text, s in zip(got, scores):
+        p = np.exp(s - s.max())
+        expected = float((p / p.sum()) @ np.array([float(v) for v in values]))
+        assert parse_rating(text, 1.0, 5.0) == pytest.approx(expected, abs=0.006)  # always a number on the scale
