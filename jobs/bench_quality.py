@@ -156,7 +156,7 @@ def configs(args, stamp: int | None = None):
             tcfg.max_minutes = train_minutes
     elif train_minutes:
         print("bench_quality: this TrainConfig has no max_minutes: recflm training is not time-limited")
-    ecfg = EvalConfig(bundle=tcfg.out, data=pcfg.out, split="test", baselines=True, max_users=0,
+    ecfg = EvalConfig(bundle=tcfg.out, data=tcfg.data, split="test", baselines=True, max_users=0,
                       sasrec_minutes=sasrec_minutes, out=str(out / "metrics_test.json"))
     return pcfg, tcfg, ecfg
 

@@ -187,7 +187,9 @@ def main(argv=None) -> int:
     if args.compare == "workers":
         rows = [run_one(int(w), examples, tok_path, args) for w in args.workers.split(",")]
     else:
-        rows = [run_one(1, examples, tok_path, args, label="P5 prompts, " + args.preset)]
+        # the P5 sequential prompts alone: the other families' rows are no next-item targets
+        seq = examples[examples["family"] == "sequential"]
+        rows = [run_one(1, seq, tok_path, args, label="P5 sequential prompts, " + args.preset)]
         rows.append(_dense_run(data_dir, pcfg, tmp, args))
     base = rows[0]
     peak = next((v for k, v in BF16_PEAK.items() if k in rows[0]["device"]), None) if args.gpu else None

@@ -346,8 +346,9 @@ def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, spli
         parts.append(read(SEQUENCES, 64)
                      .map_batches(sequence_examples, fn_kwargs=kw, batch_format="pandas", batch_size=64))
     if {"rating", "explanation", "review"} & set(fams):
-        parts.append(read(INTERACTIONS, 4096)
-                     .map_batches(interaction_examples, fn_kwargs=kw, batch_format="pandas", batch_size=4096))
+        # blocks smaller than the training loop's local shuffle buffer, so that batches mix the families
+        parts.append(read(INTERACTIONS, 1024)
+                     .map_batches(interaction_examples, fn_kwargs=kw, batch_format="pandas", batch_size=1024))
     if not parts:
         raise ValueError(f"none of the families {wanted} can be built from {data_dir}")
     out = parts[0]

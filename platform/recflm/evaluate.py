@@ -132,6 +132,7 @@ class BundlePredictor:
         self.trie = CatalogTrie.from_catalog(self.b.tokenizer, list(self.b.catalog["id_text"]))
         self.search = ConstrainedBeamSearch(self.b.model, self.trie)
         self.beams, self.top_k, self.scale = beams, top_k, tuple(scale)
+        self.dense = (self.b.manifest.get("inference") or {}).get("sequential") == "dense"
         self.ids = list(self.b.catalog["id_text"])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -144,7 +145,9 @@ class BundlePredictor:
         out["text"] = None
         out["rank"] = -1
         prefix = [list(p) for p in batch["prefix"]]
-        dense = np.array([len(p) > 0 for p in prefix])
+        # dense bundles answer sequential rows, and direct rows built from the same input, by the next-item scores
+        dense = np.array([self.dense and (t.startswith("sequential") or len(p) > 0) for t, p in
+                          zip(batch["task"], prefix)])
         tokens = lambda rows: [tok.item_token_ids(prefix[r]) for r in rows]  # noqa: E731
         seq = batch["task"].str.startswith("sequential").to_numpy()
         if seq.any():

@@ -293,8 +293,6 @@ class ModelState:
             dm = json.loads((Path(self.data_dir) / "manifest.json").read_text())
             pc = dm.get("config", {})
             self.max_prompt_history = int(pc.get("prompts", {}).get("max_history", self.max_prompt_history))
-        if "history" in self.inference:
-            self.max_prompt_history = int(self.inference["history"])
             self.scale = (float(pc.get("rating_min", self.scale[0])), float(pc.get("rating_max", self.scale[1])))
             s = pd.read_parquet(seqs, columns=["user", "index", "n_train"])
             self.histories = {str(u): [int(i) for i in ix[:int(n)]] for u, ix, n in
@@ -304,6 +302,8 @@ class ModelState:
             self.histories_from = None
             _log_now(logging.WARNING, f"recflm serve: no dataset at {self.data_dir!r}: known-user requests are off, "
                            "requests must carry a history")
+        if "history" in self.inference:  # the bundle says how many history items its input holds
+            self.max_prompt_history = int(self.inference["history"])
         self._entries = [self._entry(i) for i in range(len(cat))]
         self.load_s = round(time.perf_counter() - t0, 2)
 

@@ -149,10 +149,11 @@ def _batch_tensors(tok, batch, cfg: dict, device):
     return enc, labels.to(device), dense
 
 
-def _example_losses(model, enc, labels, dense=None, label_smoothing: float = 0.0):
+def _example_losses(model, enc, labels, dense=None, label_smoothing: float = 0.0, dense_last: bool = False):
     """(batch loss, mean token loss per example). Logits are computed at supervised positions only.
     The batch loss weighs a dense row by its number of next-item targets (each target counts once, as
-    in SASRec) and every other example once (its mean token loss)."""
+    in SASRec) and every other example once (its mean token loss). ``dense_last``: a dense row's loss
+    is its last position's only (validation: the held-out item, not the training items before it)."""
     import torch
 
     loss, row = model(**enc, labels=labels, token_losses=True, label_smoothing=label_smoothing)
@@ -160,6 +161,11 @@ def _example_losses(model, enc, labels, dense=None, label_smoothing: float = 0.0
     total = torch.zeros(B, device=loss.device).index_add(0, row, loss)
     count = torch.zeros(B, device=loss.device).index_add(0, row, torch.ones_like(loss)).clamp(min=1)
     per_ex = total / count
+    if dense_last and dense is not None and dense.any():
+        last = torch.zeros(B, dtype=torch.long, device=loss.device).index_reduce_(
+            0, row, torch.arange(len(row), device=loss.device), "amax", include_self=False)
+        d = torch.as_tensor(dense, device=loss.device)
+        per_ex = torch.where(d, loss[last], per_ex)
     if dense is None or not dense.any():
         return per_ex.mean(), per_ex
     d = torch.as_tensor(dense, device=loss.device)
@@ -267,7 +273,7 @@ def train_loop(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
 
-    step, history = 0, []
+    step, history, elapsed = 0, [], 0.0  # elapsed: training seconds of earlier attempts (max_minutes counts them)
     # the best epoch so far (val_ndcg10): its weights are exported when select_best is on
     best = {"score": -math.inf, "epoch": -1, "state": None, "stale": 0}
     position = {"epoch": 0, "batches": 0}
@@ -282,14 +288,18 @@ def train_loop(config: dict) -> None:
             sched.load_state_dict(state["scheduler"])
             step = int(state["step"])
             history = json.loads(Path(d, "history.json").read_text())
-            position.update(epoch=int(state.get("epoch", 0)), batches=int(state.get("epoch_batches", 0)))
+            if "epoch" in state:
+                position.update(epoch=int(state["epoch"]), batches=int(state["epoch_batches"]))
+            else:  # a checkpoint of the single-stream loop: its data position was step x accumulation
+                position.update(epoch=0, batches=step * int(config["grad_accum"]))
+            elapsed = float(state.get("train_seconds", 0.0))
             if "best" in state:
                 best.update(score=float(state["best"]["score"]), epoch=int(state["best"]["epoch"]),
                             stale=int(state["best"]["stale"]))
             if rank == 0 and Path(d, BEST_WEIGHTS).exists():
                 best["state"] = load_file(os.path.join(d, BEST_WEIGHTS))
     resumed_at = step
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - elapsed
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
@@ -322,6 +332,7 @@ def train_loop(config: dict) -> None:
                 save_file(best["state"], os.path.join(d, BEST_WEIGHTS))
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
                         "epoch": position["epoch"], "epoch_batches": position["batches"],
+                        "train_seconds": time.perf_counter() - t_start,
                         "best": {k: best[k] for k in ("score", "epoch", "stale")}},
                        os.path.join(d, "train_state.pt"))
             Path(d, "history.json").write_text(json.dumps(history))
@@ -339,7 +350,7 @@ def train_loop(config: dict) -> None:
             for b in val.iter_batches(batch_size=bs, batch_format="pandas"):
                 enc, labels, dense = _batch_tensors(tok, b, config, device)
                 with autocast:
-                    _, l = _example_losses(core, enc, labels, dense)
+                    _, l = _example_losses(core, enc, labels, dense, dense_last=True)
                 losses.append(l.float().cpu())
         core.train()
         vl = float(torch.cat(losses).mean()) if losses else float("nan")
@@ -371,7 +382,7 @@ def train_loop(config: dict) -> None:
 
     model.train()
     clock = ray.get_actor(config["epoch_clock"], namespace=CLOCK_NAMESPACE)
-    stopped, m = "", {}
+    stopped, m, mid_epoch = "", {}, False
     for epoch in range(start_epoch, config["epochs"]):
         ray.get(clock.set.remote(epoch))  # this pass's tasks draw epoch `epoch`'s examples
         position["epoch"], position["batches"] = epoch, 0
@@ -424,10 +435,10 @@ def train_loop(config: dict) -> None:
                 if config["checkpoint_every"] and step % config["checkpoint_every"] == 0:
                     save_and_report(m)
             if config["max_steps"] and step >= config["max_steps"]:
-                stopped = f"max_steps: {config['max_steps']}"
+                stopped, mid_epoch = f"max_steps: {config['max_steps']}", True
                 break
             if step % 10 == 0 and agree(out_of_time()):
-                stopped = f"time limit: {config['max_minutes']} minutes"
+                stopped, mid_epoch = f"time limit: {config['max_minutes']} minutes", True
                 break
         if stopped:
             break
@@ -451,7 +462,7 @@ def train_loop(config: dict) -> None:
             break
     if stopped and rank == 0:
         print(f"[recflm] {stopped}, at step {step}", flush=True)
-    if not m or "val_loss" not in m or stopped.startswith(("max_steps", "time")):
+    if mid_epoch or "val_loss" not in m:
         m = validate(epoch)  # stopped mid-epoch (or nothing left to run): validate what was trained
     m = {**m, "step": step}
     m.update(resumed_at=resumed_at, world_size=world, stopped=stopped or "done",
@@ -502,18 +513,22 @@ def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int) -> list[dict
     return out
 
 
+def inherited_prompts(cfg: TrainConfig) -> dict:
+    """A fine-tune's prompt settings: its bundle's (e.g. the dense style), then its own overrides."""
+    inherited = {}
+    if cfg.init_bundle and Path(cfg.init_bundle, "manifest.json").is_file():
+        inherited = json.loads(Path(cfg.init_bundle, "manifest.json").read_text()).get("train_config", {}).get(
+            "prompts", {})
+    return {**inherited, **cfg.prompts}
+
+
 def prepare_config(cfg: TrainConfig, data) -> PrepareConfig:
     """The dataset's prepare config with this run's ``augment.*`` / ``prompts.*`` overrides."""
     from .config import AugmentConfig, PromptConfig
 
     pcfg = from_dict(PrepareConfig, data.manifest["config"])
-    # a fine-tune keeps the prompt settings its bundle was trained with (e.g. the dense style) unless overridden
-    inherited = {}
-    if cfg.init_bundle and Path(cfg.init_bundle, "manifest.json").is_file():
-        inherited = json.loads(Path(cfg.init_bundle, "manifest.json").read_text()).get("train_config", {}).get(
-            "prompts", {})
     pcfg.augment = from_dict(AugmentConfig, {**to_dict(pcfg.augment), **cfg.augment}, prefix="augment.")
-    pcfg.prompts = from_dict(PromptConfig, {**to_dict(pcfg.prompts), **inherited, **cfg.prompts}, prefix="prompts.")
+    pcfg.prompts = from_dict(PromptConfig, {**to_dict(pcfg.prompts), **inherited_prompts(cfg)}, prefix="prompts.")
     return pcfg
 
 
@@ -553,10 +568,15 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     run_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp()) / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    from .augment import SEQUENTIAL_STYLES
+
+    cfg.prompts = inherited_prompts(cfg)  # recorded in config.json and the manifest: a fine-tune of it inherits them
     pcfg = prepare_config(cfg, data)
-    if pcfg.prompts.sequential_style != "prompt" and cfg.item_token_mode != "token" and not cfg.init_bundle:
-        raise ConfigError(f"prompts.sequential_style={pcfg.prompts.sequential_style!r} needs one token per item: "
-                          "set item_token_mode=token")
+    style = pcfg.prompts.sequential_style
+    if style not in SEQUENTIAL_STYLES:
+        raise ConfigError(f"prompts.sequential_style={style!r}: expected one of {', '.join(SEQUENTIAL_STYLES)}")
+    if style != "prompt" and cfg.item_token_mode != "token" and not cfg.init_bundle:
+        raise ConfigError(f"prompts.sequential_style={style!r} needs one token per item: set item_token_mode=token")
     tok_path = run_dir / "tokenizer.json"
     if cfg.init_bundle:
         load_bundle(cfg.init_bundle).tokenizer.save(tok_path)
@@ -568,6 +588,13 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         train_tokenizer(corpus, cfg.vocab_size, item_tokens=items).save(tok_path)
         log(f"pretrain: tokenizer trained on {len(corpus)} texts -> {tok_path}")
 
+    if style != "prompt":
+        from .tokenizer import RecTokenizer
+
+        try:  # every catalog ID must be one token (not so for collaborative IDs or a sub-word bundle)
+            RecTokenizer.load(tok_path).item_token_ids(data.id_texts)
+        except ValueError as e:
+            raise ConfigError(f"prompts.sequential_style={style!r}: {e}") from None
     # one lazy stream that every epoch iterates again: its tasks read the epoch from a clock actor the
     # loop sets, so each pass re-draws its examples (see augment.make_epoch_clock); blocks in random
     # order, and the loop's local shuffle buffer (seeded per epoch) mixes the task families of a batch
@@ -582,7 +609,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     if any(v < 1 for v in keep.values()):
         train_ds = train_ds.map_batches(_family_filter, fn_kwargs={"weights": keep, "seed": cfg.seed},
                                         batch_format="pandas")
-    train_ds = train_ds.randomize_block_order(seed=cfg.seed)
+    train_ds = train_ds.randomize_block_order()  # unseeded: a new block order every pass
     workers = max(1, cfg.workers)
     steps_per_epoch = max(1, math.ceil(per_epoch / (cfg.batch_size * workers * cfg.grad_accum)))
     total = steps_per_epoch * cfg.epochs

@@ -313,6 +313,8 @@ def results_table(grid, cfg: TuneConfig, keys: list[str]):
         status = "error" if r.error else ("done" if m.get("final") else "stopped")
         row = {"trial": m.get("trial_id") or Path(r.path).name.removeprefix("trial_"), "status": status,
                "epochs": m.get("epochs_done", 0), cfg.metric: m.get(cfg.metric, math.nan)}
+        if cfg.metric == "val_ndcg10" and m.get("best_val_ndcg10") is not None:
+            row[cfg.metric] = m["best_val_ndcg10"]  # the epoch its bundle exports (select_best), not the last one
         for k in ("val_ndcg10", "val_hr10", "val_hr10_of_100", "val_loss", "step"):
             if k != cfg.metric:
                 row[k] = m.get(k, math.nan)

@@ -74,6 +74,13 @@ def test_dense_recipe_trains_every_position_and_exports_the_best_epoch(bundled_d
     best = max(range(3), key=lambda e: epochs[e]["val_ndcg10"])
     assert epochs[-1]["best_epoch"] == best
     b = load_bundle(out)
+    # the bundle holds the best epoch's weights: those the last checkpoint carries beside its current ones
+    from safetensors.torch import load_file
+
+    final_ckpt = max(Path(c.storage_path, "dense").glob("local_ckpt_*/history.json"),
+                     key=lambda p: len(json.loads(p.read_text()))).parent
+    best_w = load_file(str(final_ckpt / "best_model.safetensors"))["shared.weight"]
+    assert torch.equal(b.model.shared.weight.detach(), best_w)
     assert b.manifest["exported"] == "best" and b.manifest["inference"] == {"sequential": "dense", "history": 99,
                                                                            "direct": "sequential"}
     res = evaluate(EvalConfig(bundle=str(out), max_users=30, text_examples=0, out=str(tmp_path / "m.json")),

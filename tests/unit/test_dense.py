@@ -114,3 +114,25 @@ def test_dense_examples_cover_training_items_only(tmp_path):
                               ["sequential"], False)
     finally:
         aug._context = orig
+
+
+def test_seq_preset_keeps_unscaled_logits_through_save_and_load(tmp_path, setup):
+    """The recipe's preset: small initial embeddings and unscaled output logits, the same in the dense
+    loss, the next-item scores, Hugging Face's forward and after a reload."""
+    from recflm.model import RecT5
+
+    tok, _, _, _ = setup
+    torch.manual_seed(0)
+    model = build_model("seq", tok.vocab_size, tok.pad_id, tok.eos_id, dropout_rate=0.0).eval()
+    assert model.config.scale_decoder_outputs is False and model.lm_head.weight is model.shared.weight
+    assert 0.015 < float(model.shared.weight.std()) < 0.025
+    model.save_pretrained(tmp_path / "m")
+    again = RecT5.from_pretrained(tmp_path / "m").eval()
+    assert again.config.scale_decoder_outputs is False
+    enc = tok.encode_batch(["user_1 items"])
+    prefix = [tok.item_token_ids(["i3", "i4"])]
+    ours = again.next_token_logprobs(enc["input_ids"], enc["attention_mask"], prefix, enc["whole_word_ids"])[0]
+    ref = again(**enc, decoder_input_ids=torch.tensor([[tok.pad_id] + prefix[0]])).logits[0, -1]
+    assert torch.allclose(ours, torch.log_softmax(ref, -1), atol=1e-4)
+    assert torch.allclose(ours, model.next_token_logprobs(enc["input_ids"], enc["attention_mask"], prefix,
+                                                          enc["whole_word_ids"])[0], atol=1e-5)
