@@ -73,6 +73,7 @@ class TrainConfig:
     log_every: int = 20
     max_failures: int = 2
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    epoch_steps: int = 0  # end an epoch after this many optimizer steps (0: a full pass over the data)
     max_minutes: float = 0.0  # stop training after this many minutes (0: no limit); the best epoch is exported
     patience: int = 0  # early stopping: stop after this many epochs without a better val_ndcg10 (0: off)
     select_best: bool = True  # export the epoch with the best val_ndcg10, not the last step
@@ -386,6 +387,7 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, config["epochs"]):
         ray.get(clock.set.remote(epoch))  # this pass's tasks draw epoch `epoch`'s examples
         position["epoch"], position["batches"] = epoch, 0
+        epoch_start = step - skip // accum  # a resumed epoch had made skip // accum of its steps
         for batch in shard.iter_batches(batch_size=bs, batch_format="pandas", drop_last=True,
                                         local_shuffle_buffer_size=config["shuffle_buffer"],
                                         local_shuffle_seed=config["seed"] + epoch):
@@ -437,6 +439,8 @@ def train_loop(config: dict) -> None:
             if config["max_steps"] and step >= config["max_steps"]:
                 stopped, mid_epoch = f"max_steps: {config['max_steps']}", True
                 break
+            if config.get("epoch_steps") and step - epoch_start >= config["epoch_steps"]:
+                break  # a short epoch (epoch_steps): it ends here, validated below
             if step % 10 == 0 and agree(out_of_time()):
                 stopped, mid_epoch = f"time limit: {config['max_minutes']} minutes", True
                 break
@@ -613,6 +617,9 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     workers = max(1, cfg.workers)
     steps_per_epoch = max(1, math.ceil(per_epoch / (cfg.batch_size * workers * cfg.grad_accum)))
     total = steps_per_epoch * cfg.epochs
+    if cfg.epoch_steps:
+        steps_per_epoch = min(steps_per_epoch, cfg.epoch_steps)
+        total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     val_ds = example_dataset(cfg.data, pcfg, split="valid", families=[f for f in cfg.families if f != "span"],
@@ -670,7 +677,10 @@ def export_bundle(cfg: TrainConfig, checkpoint, run_dir: str | Path, out: str | 
             model.load_state_dict(load_file(os.path.join(d, BEST_WEIGHTS)))
         history = json.loads(Path(d, "history.json").read_text())
     last = history[-1] if history else {}
-    if use_best:
+    if use_best:  # the manifest describes the exported weights: the best epoch's validation
+        best_m = next((m for m in reversed(history) if m.get("epoch") == last.get("best_epoch")
+                       and "val_ndcg10" in m), last)
+        last = {**last, **best_m, "last": last}
         log(f"pretrain: exporting the best epoch ({last.get('best_epoch')}, val_ndcg10 "
             f"{last.get('best_val_ndcg10', float('nan')):.4f}) rather than the last step")
     (run_dir / "metrics.json").write_text(json.dumps(history, indent=2))

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SPACE = {"lr": {"loguniform": [3.0e-4, 3.0e-3]}, "label_smoothing": {"choice": [0.0, 0.1]},
          "dropout": {"uniform": [0.0, 0.2]}, "augment.crop": {"uniform": [0.0, 0.4]},
          "family_weights.direct": {"uniform": [0.5, 1.0]}, "families": ["sequential", "direct"]}
-TRAIN = {"epochs": 2, "max_steps": 6, "batch_size": 16, "val_examples": 16, "val_users": 24, "val_beams": 10,
+TRAIN = {"epochs": 2, "epoch_steps": 3, "max_steps": 6, "batch_size": 16, "val_examples": 16, "val_users": 24, "val_beams": 10,
          "shuffle_buffer": 100, "log_every": 3}
 
 
