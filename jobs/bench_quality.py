@@ -85,18 +85,6 @@ def budget_split(budget_minutes: float) -> tuple[float, float]:
     return round(TRAIN_SHARE * budget_minutes, 2), round(SASREC_SHARE * budget_minutes, 2)
 
 
-def _column_map(text: str) -> dict:
-    from recflm.config import ConfigError
-
-    out = {}
-    for part in text.split(","):
-        if "=" not in part:
-            raise ConfigError(f"--columns: {part!r} is not of the form canonical=column")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m jobs.bench_quality", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -133,6 +121,7 @@ def parse_args(argv=None):
 
 def configs(args, stamp: int | None = None):
     """The typed configs of the three stages for ``args`` (no work done): (prepare, train, evaluate)."""
+    from recflm.cli import column_map
     from recflm.config import PrepareConfig, SourceConfig, load_config, to_dict
     from recflm.evaluate import EvalConfig
     from recflm.train import TrainConfig
@@ -142,7 +131,7 @@ def configs(args, stamp: int | None = None):
     if args.k_core is not None:
         pcfg.k_core = args.k_core
     if args.table:
-        pcfg.sources = [to_dict(SourceConfig(type="table", path=args.table, columns=_column_map(args.columns)))]
+        pcfg.sources = [to_dict(SourceConfig(type="table", path=args.table, columns=column_map(args.columns)))]
     given = {o.split("=", 1)[0].strip() for o in args.overrides}
     tcfg = load_config(TrainConfig, args.recipe, args.overrides)
     train_minutes, sasrec_minutes = budget_split(args.budget_minutes)

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _column_map(text: str) -> dict:
+def column_map(text: str) -> dict:
     out = {}
     for part in text.split(","):
         if "=" not in part:
@@ -115,7 +115,7 @@ def cmd_prepare(args) -> int:
         raise ConfigError("give one --columns map per --table")
     extra = [SourceConfig(type="movielens", path=d) for d in args.movielens]
     extra += [SourceConfig(type="amazon", path=p) for p in args.amazon]
-    extra += [SourceConfig(type="table", path=p, columns=_column_map(c)) for p, c in zip(args.table, args.columns)]
+    extra += [SourceConfig(type="table", path=p, columns=column_map(c)) for p, c in zip(args.table, args.columns)]
     if extra:
         cfg.sources = [to_dict(s) for s in extra]
 
