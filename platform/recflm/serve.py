@@ -480,17 +480,20 @@ class Recommender:
                 out[j] = found[:jobs[j][3]]
         return out
 
-    def _generate(self, jobs: list[tuple], tokens: int, beams: int) -> list[str]:
-        from .generate import generate_text
-
+    def _texts(self, jobs: list[tuple], answer) -> list[str]:
+        """``answer(state, prompts)`` for each bundle's group of jobs, in the jobs' order."""
         out: list = [None] * len(jobs)
         for group in self._groups(jobs):
             st = jobs[group[0]][0]
-            texts = generate_text(st.bundle.model, st.bundle.tokenizer, [jobs[j][1] for j in group], tokens, beams,
-                                  st.max_source_len)
-            for j, t in zip(group, texts):
+            for j, t in zip(group, answer(st, [jobs[j][1] for j in group])):
                 out[j] = t
         return out
+
+    def _generate(self, jobs: list[tuple], tokens: int, beams: int) -> list[str]:
+        from .generate import generate_text
+
+        return self._texts(jobs, lambda st, prompts: generate_text(st.bundle.model, st.bundle.tokenizer, prompts,
+                                                                   tokens, beams, st.max_source_len))
 
     async def _rate_batch(self, jobs: list[tuple]) -> list[str]:
         import asyncio
@@ -502,14 +505,8 @@ class Recommender:
         """The expected rating over the scale's rating texts, as ``recflm evaluate`` scores it."""
         from .generate import predict_ratings
 
-        out: list = [None] * len(jobs)
-        for group in self._groups(jobs):
-            st = jobs[group[0]][0]
-            texts = predict_ratings(st.bundle.model, st.bundle.tokenizer, [jobs[j][1] for j in group], *st.scale,
-                                    st.max_source_len)
-            for j, t in zip(group, texts):
-                out[j] = t
-        return out
+        return self._texts(jobs, lambda st, prompts: predict_ratings(st.bundle.model, st.bundle.tokenizer, prompts,
+                                                                     *st.scale, st.max_source_len))
 
     async def _explain_batch(self, jobs: list[tuple]) -> list[str]:
         import asyncio

@@ -70,10 +70,13 @@ class RecTokenizer:
                 out["whole_word_ids"][i, : len(row)] = torch.tensor(words[i])
         return out
 
+    def target_ids(self, texts: list[str], max_length: int = 64) -> list[list[int]]:
+        """Decoder label ids of each text: token ids + ``</s>``, unpadded."""
+        return self._ids_and_words(list(texts), max_length, False)[0] if texts else []
+
     def encode_targets(self, texts: list[str], max_length: int = 64) -> torch.Tensor:
         """Labels for the decoder: token ids + ``</s>``, padded with -100 (ignored by the loss)."""
-        ids, _ = self._ids_and_words(list(texts), max_length, False)
-        return pad_labels(ids)
+        return pad_labels(self.target_ids(texts, max_length))
 
     def encode_ids(self, text: str) -> list[int]:
         """Token ids of one string + ``</s>`` (e.g. an item ID, for the decoding trie)."""

@@ -140,7 +140,7 @@ def _batch_tensors(tok, batch, cfg: dict, device):
     dense = np.array(batch["template"].isin(cfg.get("dense_templates", [])).to_numpy(), dtype=bool)
     if dense.any():
         plain = [t for t, d in zip(batch["target"], dense) if not d]
-        plain_ids = iter(tok._ids_and_words(plain, cfg["max_target_len"], False)[0] if plain else [])
+        plain_ids = iter(tok.target_ids(plain, cfg["max_target_len"]))
         rows = [tok.item_token_ids(t.split(" "))[-cfg["dense_max_len"]:] if d else next(plain_ids)
                 for t, d in zip(batch["target"], dense)]
         labels = pad_labels(rows)
@@ -632,7 +632,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     dense_ids = [t.id for t in load_templates(pcfg.prompts.templates_dir or None)["sequential"] if is_dense(t)]
     loop_cfg = {**to_dict(cfg), "tokenizer": str(tok_path), "total_steps": total, "run_dir": str(run_dir),
                 "dense_templates": dense_ids, "dense_max_len": pcfg.prompts.dense_max_len,
-                "steps_per_epoch": steps_per_epoch, "epoch_clock": clock_name,
+                "epoch_clock": clock_name,
                 "val_rank": _val_ranking(data, pcfg, cfg.val_users, cfg.seed), "catalog_ids": data.id_texts,
                 "init_bundle": str(Path(cfg.init_bundle).resolve()) if cfg.init_bundle else ""}
     return TrainSetup(cfg, name, storage, run_dir, {"train": train_ds, "val": val_ds}, loop_cfg, clock)
