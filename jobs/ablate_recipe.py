@@ -26,6 +26,8 @@ ap.add_argument("--L", type=int, default=20); ap.add_argument("--bs", type=int, 
 ap.add_argument("--preset", default="seq"); ap.add_argument("--user", type=int, default=0)
 ap.add_argument("--wd", type=float, default=0.0); ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--val", type=int, default=3000); ap.add_argument("--minutes", type=float, default=100)
+ap.add_argument("--clip", type=float, default=1.0); ap.add_argument("--eps", type=float, default=1e-6)
+ap.add_argument("--act", default="relu"); ap.add_argument("--input_scale", default="1")
 ap.add_argument("--data", required=True); ap.add_argument("--tokenizer", required=True)
 a = ap.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(0)
@@ -33,10 +35,11 @@ tok = RecTokenizer.load(a.tokenizer)
 cat = pd.read_parquet(f"{a.data}/items.parquet").sort_values("index")
 item_tok = torch.tensor(tok.item_token_ids(list(cat["id_text"])))
 seqs = pd.read_parquet(f"{a.data}/sequences.parquet", columns=["user", "index", "n_train"])
-model = build_model(a.preset, tok.vocab_size, tok.pad_id, tok.eos_id, dropout_rate=a.dropout)
+model = build_model(a.preset, tok.vocab_size, tok.pad_id, tok.eos_id, dropout_rate=a.dropout, feed_forward_proj=a.act,
+                    input_scale=a.input_scale if a.input_scale == "sqrt" else float(a.input_scale))
 if a.emb_std:
     with torch.no_grad(): model.shared.weight.normal_(0, a.emb_std)
-opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd, eps=1e-6)
+opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd, eps=a.eps)
 
 
 def src(u):
@@ -75,7 +78,9 @@ for ep in range(a.epochs):
         labels = pad_labels([item_tok[w].tolist() for _, w in b])
         loss, row = model(**enc, labels=labels, token_losses=True)
         loss = loss.mean(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad()
+        if a.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)
+        opt.step(); opt.zero_grad()
         tl.append(loss.item())
     print(f"epoch {ep} loss {np.mean(tl):.3f} val NDCG@10 {evaluate():.4f} {time.time() - t0:.0f}s", flush=True)
     if time.time() - t0 > a.minutes * 60: break

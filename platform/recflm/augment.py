@@ -331,24 +331,27 @@ def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, spli
             log(f"examples: skipping the {f} family: the dataset has no input for it")
     kw = dict(data_dir=str(Path(data_dir).resolve()), templates_dir=cfg.prompts.templates_dir, split=split,
               epoch=epoch, seed=cfg.seed, prompts=cfg.prompts, aug=cfg.augment, families=fams, held_out=held_out)
-    def read(table: str, rows_per_block: int):
-        # many small blocks, so that shuffling block order (training) mixes the task families well
+    def read(table: str, rows_per_block: int, max_blocks: int = 256):
+        # many small blocks, so that shuffling block order (training) mixes the task families well;
+        # each block is one task (batch_size=None: Ray would otherwise bundle blocks up to a batch size)
         import pyarrow.parquet as pq
 
         files = sorted((data.path / table).glob("*.parquet"))
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         ds = ray.data.read_parquet(str(data.path / table))
-        blocks = max(1, -(-rows // rows_per_block))
+        blocks = min(max_blocks, max(1, -(-rows // rows_per_block)))
         return ds.repartition(blocks) if blocks > len(files) else ds
 
     parts = []
+    # block sizes: a block of 16 users (a few examples each) and one of 1024 interactions (one example
+    # each, down-sampled by the balanced mix) hold tens of examples, far fewer than the training loop's
+    # local shuffle buffer, so batches mix the families from the first steps on
     if {"sequential", "direct", SPAN} & set(fams):
-        parts.append(read(SEQUENCES, 64)
-                     .map_batches(sequence_examples, fn_kwargs=kw, batch_format="pandas", batch_size=64))
+        parts.append(read(SEQUENCES, 16)
+                     .map_batches(sequence_examples, fn_kwargs=kw, batch_format="pandas", batch_size=None))
     if {"rating", "explanation", "review"} & set(fams):
-        # blocks smaller than the training loop's local shuffle buffer, so that batches mix the families
         parts.append(read(INTERACTIONS, 1024)
-                     .map_batches(interaction_examples, fn_kwargs=kw, batch_format="pandas", batch_size=1024))
+                     .map_batches(interaction_examples, fn_kwargs=kw, batch_format="pandas", batch_size=None))
     if not parts:
         raise ValueError(f"none of the families {wanted} can be built from {data_dir}")
     out = parts[0]

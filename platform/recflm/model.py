@@ -31,6 +31,13 @@ class RecT5(T5ForConditionalGeneration):
         super().__init__(config)
         self.whole_word_embed = nn.Embedding(getattr(config, "max_whole_word", MAX_WHOLE_WORD), config.d_model)
         nn.init.normal_(self.whole_word_embed.weight, std=0.02)
+        scale = float(getattr(config, "input_scale", 1.0))
+        if scale != 1.0:
+            # token embeddings enter both stacks times ``input_scale`` (the output logits use them unscaled):
+            # small tied embeddings then still carry the item's identity into a pre-norm residual stream
+            for emb in {id(m): m for m in (self.shared, self.encoder.embed_tokens, self.decoder.embed_tokens)}.values():
+                emb.register_forward_hook(lambda _m, _i, out, s=scale: out * s)
+            self.whole_word_embed.register_forward_hook(lambda _m, _i, out, s=scale: out * s)
 
     def _embed(self, input_ids, whole_word_ids):
         emb = self.shared(input_ids)
@@ -53,6 +60,19 @@ class RecT5(T5ForConditionalGeneration):
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, encoder_outputs=encoder_outputs,
                                inputs_embeds=inputs_embeds, **kwargs)
 
+    def _encode_unique(self, input_ids, attention_mask, whole_word_ids=None) -> torch.Tensor:
+        """Encoder states (B, S, d) computed once per distinct source row: dense sequence examples share a
+        few constant prompts, so most of a batch's encoder work would repeat (identical token ids imply
+        identical masks and whole-word ids)."""
+        uniq, inv = torch.unique(input_ids, dim=0, return_inverse=True)
+        if len(uniq) == len(input_ids):
+            return self.encode(input_ids, attention_mask, whole_word_ids).last_hidden_state
+        B = len(input_ids)
+        first = torch.full((len(uniq),), B, dtype=torch.long, device=input_ids.device).scatter_reduce_(
+            0, inv, torch.arange(B, device=input_ids.device), "amin")
+        ww = None if whole_word_ids is None else whole_word_ids[first]
+        return self.encode(input_ids[first], attention_mask[first], ww).last_hidden_state[inv]
+
     def token_losses(self, input_ids, attention_mask, labels, whole_word_ids=None, label_smoothing: float = 0.0):
         """Cross-entropy of every supervised target token (``labels != -100``), computing output logits
         only there: a dense sequence target (one next-item label per position of a user's history) costs
@@ -60,9 +80,9 @@ class RecT5(T5ForConditionalGeneration):
         DDP wraps ``forward``, so ``forward(..., token_losses=True)`` routes here."""
         import torch.nn.functional as F
 
-        enc = self.encode(input_ids, attention_mask, whole_word_ids)
+        enc = self._encode_unique(input_ids, attention_mask, whole_word_ids)
         dec_in = self._shift_right(labels)
-        dec = self.decoder(input_ids=dec_in, encoder_hidden_states=enc.last_hidden_state,
+        dec = self.decoder(input_ids=dec_in, encoder_hidden_states=enc,
                            encoder_attention_mask=attention_mask, return_dict=True, use_cache=False)
         h = dec.last_hidden_state
         if getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings):
@@ -76,13 +96,13 @@ class RecT5(T5ForConditionalGeneration):
     def next_token_logprobs(self, input_ids, attention_mask, prefixes: list, whole_word_ids=None) -> torch.Tensor:
         """Log-probabilities (B, V) of the token after each row's decoder prefix (token ids after the
         start token; rows may differ in length: right-padded, and the causal decoder never looks ahead)."""
-        enc = self.encode(input_ids, attention_mask, whole_word_ids)
+        enc = self._encode_unique(input_ids, attention_mask, whole_word_ids)
         B, T = len(prefixes), max(len(p) for p in prefixes) + 1
         dec_in = torch.full((B, T), self.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         for r, p in enumerate(prefixes):
             if len(p):
                 dec_in[r, 1:len(p) + 1] = torch.as_tensor(p, dtype=torch.long)
-        dec = self.decoder(input_ids=dec_in, encoder_hidden_states=enc.last_hidden_state,
+        dec = self.decoder(input_ids=dec_in, encoder_hidden_states=enc,
                            encoder_attention_mask=attention_mask, return_dict=True, use_cache=False)
         last = torch.as_tensor([len(p) for p in prefixes], device=input_ids.device)
         h = dec.last_hidden_state[torch.arange(B, device=input_ids.device), last]
@@ -101,13 +121,15 @@ class RecT5(T5ForConditionalGeneration):
 def build_model(preset: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, **overrides) -> RecT5:
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r} (known: {', '.join(PRESETS)})")
-    geometry = {"dropout_rate": 0.1, **PRESETS[preset], **overrides}
+    geometry = {"dropout_rate": 0.1, "feed_forward_proj": "relu", **PRESETS[preset], **overrides}
     embed_std = geometry.pop("embed_std", None)
+    if geometry.get("input_scale") == "sqrt":
+        geometry["input_scale"] = float(geometry["d_model"]) ** 0.5
     # T5's tie_word_embeddings=False is its switch for *unscaled* output logits (T5 v1.1); the weights
     # stay tied either way (transformers forces tying), and config.json keeps scale_decoder_outputs
     scale = geometry.pop("scale_outputs", True)
     cfg = T5Config(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id,
-                   feed_forward_proj="relu", tie_word_embeddings=scale, max_whole_word=MAX_WHOLE_WORD, **geometry)
+                   tie_word_embeddings=scale, max_whole_word=MAX_WHOLE_WORD, **geometry)
     model = RecT5(cfg)
     if embed_std:
         with torch.no_grad():

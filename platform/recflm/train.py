@@ -612,7 +612,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
                                log=lambda *a: None)
     if any(v < 1 for v in keep.values()):
         train_ds = train_ds.map_batches(_family_filter, fn_kwargs={"weights": keep, "seed": cfg.seed},
-                                        batch_format="pandas")
+                                        batch_format="pandas", batch_size=None)
     train_ds = train_ds.randomize_block_order()  # unseeded: a new block order every pass
     workers = max(1, cfg.workers)
     steps_per_epoch = max(1, math.ceil(per_epoch / (cfg.batch_size * workers * cfg.grad_accum)))

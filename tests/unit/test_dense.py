@@ -38,6 +38,40 @@ def test_token_losses_equal_the_full_forward(setup):
     assert torch.allclose(loss.mean(), ref, atol=1e-5)
 
 
+def test_repeated_sources_are_encoded_once_with_the_same_losses(setup):
+    """Dense examples share a few constant prompts: the encoder runs once per distinct source row, and
+    the per-token losses are those of encoding every row."""
+    tok, model, _, ids = setup
+    enc = tok.encode_batch(["same prompt", "another prompt here", "same prompt", "same prompt"])
+    labels = torch.tensor([tok.item_token_ids(["i3", "i5"]), tok.item_token_ids(["i1", "i2"]),
+                           tok.item_token_ids(["i9", "i4"]), [tok.item_token_ids(["i8"])[0], -100]])
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda _m, inp, out: calls.append(out.last_hidden_state.shape[0]))
+    try:
+        loss, row = model(**enc, labels=labels, token_losses=True)
+    finally:
+        hook.remove()
+    assert calls == [2]  # two distinct sources in a batch of four
+    full = model(**enc, labels=labels).logits.log_softmax(-1)
+    keep = labels != -100
+    ref = -full[keep].gather(1, labels[keep].unsqueeze(1)).squeeze(1)
+    assert row.tolist() == [0, 0, 1, 1, 2, 2, 3] and torch.allclose(loss, ref, atol=1e-5)
+
+
+def test_input_scale_multiplies_the_input_embeddings_only(tmp_path):
+    m = build_model("tiny", 100, input_scale="sqrt")
+    x = torch.tensor([[3, 4]])
+    s = m.config.d_model ** 0.5
+    assert m.config.input_scale == pytest.approx(s)
+    assert torch.allclose(m.decoder.embed_tokens(x), m.shared.weight[x] * s)
+    assert torch.allclose(m.encoder.embed_tokens(x), m.shared.weight[x] * s)
+    assert m.lm_head.weight.data_ptr() == m.shared.weight.data_ptr()  # tied: the output layer reads the raw weights
+    m.save_pretrained(tmp_path)
+    from recflm.model import RecT5
+
+    assert torch.allclose(RecT5.from_pretrained(tmp_path).decoder.embed_tokens(x), m.shared.weight[x] * s)
+
+
 def test_next_token_logprobs_of_ragged_prefixes_equal_the_forward_pass(setup):
     tok, model, _, ids = setup
     enc = tok.encode_batch(["user_1 items", "user_2 items"])
