@@ -175,7 +175,7 @@ def _emit(rows: list, fam: str, temps: list, ex: dict, u: float, held_out: bool 
 
 def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, split: str, epoch: int,
                       seed: int, prompts: PromptConfig, aug: AugmentConfig, families: list,
-                      held_out: bool | None) -> pd.DataFrame:
+                      held_out: bool | None, keep: dict | None = None) -> pd.DataFrame:
     """Sequential and direct examples from per-user sequences (one batch of users)."""
     epoch = _epoch_of(epoch)
     ctx = _context(data_dir, templates_dir)
@@ -261,13 +261,25 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                   "candidates": ", ".join(cand)}
             fam_temps = [x for x in temps["direct"] if "candidates" in x.fields]
             _emit(rows, "direct", fam_temps, ex, rng.random(), held_out, {**meta, "item": items[t]})
-    return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
+    return thin_families(pd.DataFrame(rows, columns=EXAMPLE_COLUMNS), keep, seed)
+
+
+def thin_families(batch: pd.DataFrame, keep: dict | None, seed: int) -> pd.DataFrame:
+    """Keep each example with its family's probability in ``keep`` (the training mix): a pure function
+    of the example and its epoch."""
+    if not keep or all(float(v) >= 1 for v in keep.values()) or len(batch) == 0:
+        return batch
+    keys = (batch["source"] + "|" + batch["target"] + "|" + batch["epoch"].astype(str)).to_numpy(dtype=object)
+    u = _row_uniforms(keys, seed, 0, "train", 1)[:, 0]
+    p = batch["family"].map(lambda f: float(keep.get(f, 1.0))).to_numpy(dtype=float)
+    return batch[u < p]
 
 
 def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, split: str, epoch: int,
                          seed: int, prompts: PromptConfig, aug: AugmentConfig, families: list,
-                         held_out: bool | None) -> pd.DataFrame:
-    """Rating, explanation and review examples from interaction rows of one split."""
+                         held_out: bool | None, keep: dict | None = None) -> pd.DataFrame:
+    """Rating, explanation and review examples from interaction rows of one split. ``keep``: family ->
+    probability of keeping a row's example (the training mix), drawn before any text is built."""
     epoch = _epoch_of(epoch)
     ctx = _context(data_dir, templates_dir)
     temps, lo, hi = ctx["templates"], *ctx["scale"]
@@ -278,8 +290,16 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
         return pd.DataFrame(columns=EXAMPLE_COLUMNS)
     pos = ctx["index"].get_indexer(batch["item"])
     # draws per row: 0 source merge, 1 rating-noise gate, 2-3 noise (Box-Muller), 4 rating gate,
-    # 5-7 template choices of rating / explanation / review
-    u = _row_uniforms((batch["user"] + "|" + batch["item"]).to_numpy(dtype=object), seed, epoch, split, 8)
+    # 5-7 template choices of rating / explanation / review, 8-10 their keep gates (the mix)
+    u = _row_uniforms((batch["user"] + "|" + batch["item"]).to_numpy(dtype=object), seed, epoch, split, 11)
+    keep = keep or {}
+    kept = {f: u[:, 8 + j] < float(keep.get(f, 1.0)) for j, f in enumerate(("rating", "explanation", "review"))}
+    if keep:  # rows none of whose examples would be kept cost nothing
+        live = np.zeros(len(batch), dtype=bool)
+        for f in families:
+            if f in kept:
+                live |= kept[f]
+        batch, pos, u, kept = batch[live], pos[live], u[live], {f: m[live] for f, m in kept.items()}
     noise = np.sqrt(-2 * np.log(np.maximum(u[:, 2], 1e-300))) * np.cos(2 * np.pi * u[:, 3])
     rows: list = []
     cut = prompts.max_text_chars
@@ -296,12 +316,13 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
             r = float(np.clip(round(r + noise[k] * aug.rating_noise_sd, 1), lo, hi))
         base = {"user": user, "item": ctx["ids"][p], "item_desc": ctx["desc"][p],
                 "rating": format_rating(r) if has_rating else None}
-        if "rating" in families and has_rating and (split != "train" or u[k, 4] < prompts.rating_per_row):
+        if "rating" in families and has_rating and (split != "train" or u[k, 4] < prompts.rating_per_row) \
+                and kept["rating"][k]:
             _emit(rows, "rating", temps["rating"], base, u[k, 5], held_out, meta)
         has_text = isinstance(text, str) and text
-        if "explanation" in families and has_text:
+        if "explanation" in families and has_text and kept["explanation"][k]:
             _emit(rows, "explanation", temps["explanation"], {**base, "text": text[:cut]}, u[k, 6], held_out, meta)
-        if "review" in families and has_text and source in review_sources:
+        if "review" in families and has_text and source in review_sources and kept["review"][k]:
             ex = {**base, "text": text[:cut], "summary": summary if isinstance(summary, str) else None}
             _emit(rows, "review", temps["review"], ex, u[k, 7], held_out, meta)
     return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS)
@@ -309,12 +330,13 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
 
 def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, split: str = "train",
                     epoch: int = 0, families: list | None = None, held_out: bool | None = False,
-                    log=print):
+                    log=print, keep: dict | None = None):
     """Lazy Ray Dataset of prompt examples for one split and epoch (``epoch``: a number, or the name of
     an epoch clock whose value each execution reads, see ``make_epoch_clock``).
 
     ``held_out=False`` (training): only seen templates; ``True``: only held-out ones (zero-shot
-    evaluation); ``None``: both. Families the data cannot feed are skipped with a message."""
+    evaluation); ``None``: both. Families the data cannot feed are skipped with a message. ``keep``:
+    family -> keep probability (the training mix, see ``train.mixing_weights``), applied in the tasks."""
     import ray.data
 
     if split not in SPLIT_CODE:
@@ -330,7 +352,8 @@ def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, spli
         if f not in fams:
             log(f"examples: skipping the {f} family: the dataset has no input for it")
     kw = dict(data_dir=str(Path(data_dir).resolve()), templates_dir=cfg.prompts.templates_dir, split=split,
-              epoch=epoch, seed=cfg.seed, prompts=cfg.prompts, aug=cfg.augment, families=fams, held_out=held_out)
+              epoch=epoch, seed=cfg.seed, prompts=cfg.prompts, aug=cfg.augment, families=fams, held_out=held_out,
+              keep=dict(keep or {}))
     def read(table: str, rows_per_block: int, max_blocks: int = 256):
         # many small blocks, so that shuffling block order (training) mixes the task families well;
         # each block is one task (batch_size=None: Ray would otherwise bundle blocks up to a batch size)

@@ -91,18 +91,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- per worker
-def _family_filter(batch, weights: dict, seed: int):
-    """Keep each example with its family's probability (a pure function of the example and epoch)."""
-    from .augment import _row_uniforms
-
-    if not weights or len(batch) == 0:
-        return batch
-    keys = (batch["source"] + "|" + batch["target"] + "|" + batch["epoch"].astype(str)).to_numpy(dtype=object)
-    u = _row_uniforms(keys, seed, 0, "train", 1)[:, 0]
-    p = batch["family"].map(lambda f: float(weights.get(f, 1.0))).to_numpy(dtype=float)
-    return batch[u < p]
-
-
 def _family_counts(batch):
     return batch["family"].value_counts().rename_axis("family").reset_index(name="count")
 
@@ -609,10 +597,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     clock_name = f"recflm-epoch-{name}-{uuid.uuid4().hex[:8]}"
     clock = make_epoch_clock(clock_name)
     train_ds = example_dataset(cfg.data, pcfg, split="train", epoch=clock_name, families=cfg.families,
-                               log=lambda *a: None)
-    if any(v < 1 for v in keep.values()):
-        train_ds = train_ds.map_batches(_family_filter, fn_kwargs={"weights": keep, "seed": cfg.seed},
-                                        batch_format="pandas", batch_size=None)
+                               log=lambda *a: None, keep=keep)
     train_ds = train_ds.randomize_block_order()  # unseeded: a new block order every pass
     workers = max(1, cfg.workers)
     steps_per_epoch = max(1, math.ceil(per_epoch / (cfg.batch_size * workers * cfg.grad_accum)))

@@ -140,6 +140,32 @@ def test_examples_are_seeded_and_redrawn_each_epoch(bundled_dataset):
     assert not (a["template"] == "sequential-6").any()  # held out from training
 
 
+def test_the_training_mix_thins_families_inside_the_tasks(bundled_dataset):
+    """``keep`` (the balanced mix) drops rating rows before their text is built: a seeded subset of the
+    full epoch's examples, about the asked share, the other families untouched."""
+    from recflm.augment import interaction_examples, sequence_examples
+    from recflm.dataset import INTERACTIONS, SEQUENCES
+
+    out, cfg, _ = bundled_dataset
+    kw = dict(data_dir=str(out), templates_dir=cfg.prompts.templates_dir, split="train", epoch=0, seed=cfg.seed,
+              prompts=cfg.prompts, aug=cfg.augment, held_out=False)
+    inter = pd.read_parquet(Path(out) / INTERACTIONS).head(20000)
+    full = interaction_examples(inter, families=["rating"], **kw)
+    thin = interaction_examples(inter, families=["rating"], keep={"rating": 0.1}, **kw)
+    again = interaction_examples(inter.sample(frac=1, random_state=0), families=["rating"], keep={"rating": 0.1},
+                                 **kw)
+    key = ["family", "user", "source", "target"]
+    rows = lambda df: set(map(tuple, df[key].to_numpy()))  # noqa: E731
+    assert len(full) > 10000 and 0.08 * len(full) < len(thin) < 0.12 * len(full)
+    assert rows(thin) <= rows(full) and rows(thin) == rows(again)  # the same draw, whatever the batch order
+    users = pd.read_parquet(Path(out) / SEQUENCES).head(100)
+    seq = [sequence_examples(users, families=["direct", "sequential"], keep=k, **kw)
+           for k in ({}, {"rating": 0.1}, {"direct": 0.5})]
+    assert rows(seq[0]) == rows(seq[1])  # per-user families kept whole when only rating is thinned
+    half = seq[2][seq[2]["family"] == "direct"]
+    assert rows(half) < rows(seq[0]) and 0.3 * (seq[0]["family"] == "direct").sum() < len(half)
+
+
 def test_eval_examples_use_the_heldout_item(bundled_dataset):
     out, cfg, _ = bundled_dataset
     data = PreparedData.open(out)

@@ -39,7 +39,8 @@ def served(ray_session, tiny_bundle):
         info = client.get("/v1/model").json()
         yield {"url": url, "cfg": cfg, "client": client, "catalog": catalog, "info": info, "bundle": Path(bundle),
                "metrics_port": ray_session["metrics_port"]}
-    serve.delete(APP)
+    # the whole of Serve goes with this module: an idle controller and proxies would slow the tests after it
+    serve.shutdown()
 
 
 def test_serve_yaml_is_a_valid_serve_config_and_drives_the_app():
