@@ -68,6 +68,20 @@ def save_bundle(out: str | Path, model: RecT5, tokenizer: RecTokenizer, catalog:
     return out
 
 
+def check_catalog(catalog: pd.DataFrame, data_dir: str | Path) -> None:
+    """Raise ``BundleError`` unless the prepared dataset at ``data_dir`` indexes its items as the
+    bundle's catalog does: its histories are item indices, which mean nothing against another catalog."""
+    items = Path(data_dir) / "items.parquet"
+    if not items.is_file():
+        raise BundleError(f"{data_dir}: not a prepared dataset (no items.parquet)")
+    theirs = pd.read_parquet(items, columns=["item", "index"]).sort_values("index")
+    ours = catalog[["item", "index"]].sort_values("index")
+    if len(theirs) != len(ours) or not (theirs["item"].astype(str).to_numpy() == ours["item"].astype(str).to_numpy()).all():
+        diff = len(set(theirs["item"].astype(str)) ^ set(ours["item"].astype(str)))
+        raise BundleError(f"{data_dir}: its catalog ({len(theirs)} items) is not the bundle's ({len(ours)} items, "
+                          f"{diff} differ or are indexed differently): use the dataset the bundle was trained on")
+
+
 def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     p = Path(path)
     if not p.is_dir():

@@ -308,7 +308,7 @@ def format_table(results: dict) -> str:
 def run(cfg: EvalConfig, log=print) -> dict:
     import ray
 
-    from .bundle import load_bundle
+    from .bundle import check_catalog, load_bundle
     from .runtime import ensure_ray
 
     if cfg.split not in ("valid", "test"):
@@ -318,6 +318,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
     t0 = time.perf_counter()
     bundle = load_bundle(cfg.bundle)  # fail early on a bad bundle, before any Ray work
     data_dir = cfg.data or bundle.manifest.get("data", {}).get("path")
+    check_catalog(bundle.catalog, data_dir)
     ensure_ray()
     rows, info = build_rows(data_dir, str(bundle.templates_dir), cfg, log, inference=bundle.manifest.get("inference"))
     log(f"evaluate: {info['users']} users, {len(rows)} prompts on split {cfg.split}, "
@@ -334,14 +335,26 @@ def run(cfg: EvalConfig, log=print) -> dict:
                           num_cpus=cfg.cpus_per_replica).to_pandas()
     infer_s = time.perf_counter() - t0
     results = {"recflm": _score(pred, info, cfg.top_k)}
-    if cfg.baselines:
-        results.update(_baseline_results(data_dir, rows, info, cfg, log))
-    # the held-out template row is recflm's own: baselines have no prompts
-    out = {"split": cfg.split, "bundle": str(cfg.bundle), "data": str(data_dir), "users": info["users"],
-           "config": to_dict(cfg), "seconds": round(time.perf_counter() - t0, 1),
-           "inference_seconds": round(infer_s, 1), "results": results}
     path = Path(cfg.out) if cfg.out else Path(cfg.bundle) / f"metrics_{cfg.split}.json"
-    path.write_text(json.dumps(out, indent=2, default=float))
+
+    def write(**extra) -> dict:
+        out = {"split": cfg.split, "bundle": str(cfg.bundle), "data": str(data_dir), "users": info["users"],
+               "config": to_dict(cfg), "seconds": round(time.perf_counter() - t0, 1),
+               "inference_seconds": round(infer_s, 1), "results": results, **extra}
+        path.write_text(json.dumps(out, indent=2, default=float))
+        return out
+
+    if cfg.baselines:
+        # the model's results are on disk before the baselines run: a baseline that fails loses nothing
+        write(baselines="pending")
+        try:
+            results.update(_baseline_results(data_dir, rows, info, cfg, log))
+        except Exception as e:
+            write(baselines=f"failed: {type(e).__name__}: {e}")
+            log(f"evaluate: the baselines failed; recflm's metrics are in {path}")
+            raise
+    # the held-out template row is recflm's own: baselines have no prompts
+    out = write()
     print(format_table(results))
     log(f"evaluate: metrics written to {path} ({out['seconds']} s)")
     return out

@@ -290,6 +290,9 @@ class ModelState:
         self.scale = (PrepareConfig().rating_min, PrepareConfig().rating_max)
         seqs = Path(self.data_dir) / "sequences.parquet" if self.data_dir else None
         if seqs is not None and seqs.exists():
+            from .bundle import check_catalog
+
+            check_catalog(cat, self.data_dir)  # another dataset's item indices would name other items
             dm = json.loads((Path(self.data_dir) / "manifest.json").read_text())
             pc = dm.get("config", {})
             self.max_prompt_history = int(pc.get("prompts", {}).get("max_history", self.max_prompt_history))

@@ -36,6 +36,44 @@ def test_evaluate_with_baselines(bundled_dataset, tiny_bundle, tmp_path, capsys)
     assert "SASRec" in table and "NDCG@10" in table and "RMSE" in table
 
 
+def test_a_failing_baseline_keeps_the_model_results(bundled_dataset, tiny_bundle, tmp_path, monkeypatch):
+    import recflm.evaluate as ev
+
+    data, _, _ = bundled_dataset
+    bundle, _ = tiny_bundle
+
+    def broken(*a, **k):
+        raise RuntimeError("baseline exploded")
+
+    monkeypatch.setattr(ev, "_baseline_results", broken)
+    with pytest.raises(RuntimeError, match="baseline exploded"):
+        run(EvalConfig(bundle=str(bundle), data=str(data), max_users=10, text_examples=0, batch_size=8,
+                       baselines=True, out=str(tmp_path / "m.json")), log=lambda *a: None)
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["results"]["recflm"]["sequential/seen"]["n"] == 10
+    assert saved["baselines"] == "failed: RuntimeError: baseline exploded"
+
+
+def test_another_datasets_catalog_is_refused(bundled_dataset, tiny_bundle, tmp_path):
+    """Histories are item indices: against another catalog they would name other items."""
+    import pandas as pd
+
+    from recflm.bundle import BundleError
+
+    data, _, _ = bundled_dataset
+    bundle, _ = tiny_bundle
+    other = tmp_path / "other"
+    other.mkdir()
+    items = pd.read_parquet(data / "items.parquet")
+    items["index"] = items["index"].to_numpy()[::-1]  # the same items, indexed otherwise
+    items.to_parquet(other / "items.parquet")
+    with pytest.raises(BundleError, match="not the bundle's"):
+        run(EvalConfig(bundle=str(bundle), data=str(other), max_users=5), log=lambda *a: None)
+    items.iloc[:-1].to_parquet(other / "items.parquet")
+    with pytest.raises(BundleError, match=r"\d+ items\) is not the bundle's"):
+        run(EvalConfig(bundle=str(bundle), data=str(other), max_users=5), log=lambda *a: None)
+
+
 def test_predictions_exclude_seen_items(bundled_dataset, tiny_bundle):
     from recflm.evaluate import BundlePredictor, build_rows
 
