@@ -5,6 +5,7 @@ table). Not a benchmark of the platform: ``jobs/bench_quality.py`` is.
     python -m jobs.ablate_recipe --data runs/toys/data --tokenizer runs/toys/train/RUN/tokenizer.json --epochs 3
     python -m jobs.ablate_recipe ... --user 1            # a user ID in the dense source (the recipe has none)
     python -m jobs.ablate_recipe ... --preset tiny --lr 3e-3 --dropout 0.1
+    python -m jobs.ablate_recipe ... --input_scale 1      # inputs at the embeddings' own scale (seq: 50)
 
 ``--tokenizer``: the tokenizer of a recipe run on the same data (one token per item); ``--emb_std``
 re-draws the embeddings with that std (the ``seq`` preset already uses 0.02).
@@ -27,7 +28,7 @@ ap.add_argument("--preset", default="seq"); ap.add_argument("--user", type=int, 
 ap.add_argument("--wd", type=float, default=0.0); ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--val", type=int, default=3000); ap.add_argument("--minutes", type=float, default=100)
 ap.add_argument("--clip", type=float, default=1.0); ap.add_argument("--eps", type=float, default=1e-6)
-ap.add_argument("--act", default="relu"); ap.add_argument("--input_scale", default="1")
+ap.add_argument("--act", default="relu"); ap.add_argument("--input_scale", default="")
 ap.add_argument("--data", required=True); ap.add_argument("--tokenizer", required=True)
 a = ap.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(0)
@@ -35,8 +36,9 @@ tok = RecTokenizer.load(a.tokenizer)
 cat = pd.read_parquet(f"{a.data}/items.parquet").sort_values("index")
 item_tok = torch.tensor(tok.item_token_ids(list(cat["id_text"])))
 seqs = pd.read_parquet(f"{a.data}/sequences.parquet", columns=["user", "index", "n_train"])
+scale = {} if not a.input_scale else {"input_scale": a.input_scale if a.input_scale == "sqrt" else float(a.input_scale)}
 model = build_model(a.preset, tok.vocab_size, tok.pad_id, tok.eos_id, dropout_rate=a.dropout, feed_forward_proj=a.act,
-                    input_scale=a.input_scale if a.input_scale == "sqrt" else float(a.input_scale))
+                    **scale)
 if a.emb_std:
     with torch.no_grad(): model.shared.weight.normal_(0, a.emb_std)
 opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd, eps=a.eps)

@@ -160,6 +160,8 @@ def test_seq_preset_keeps_unscaled_logits_through_save_and_load(tmp_path, setup)
     model = build_model("seq", tok.vocab_size, tok.pad_id, tok.eos_id, dropout_rate=0.0).eval()
     assert model.config.scale_decoder_outputs is False and model.lm_head.weight is model.shared.weight
     assert 0.015 < float(model.shared.weight.std()) < 0.025
+    x = torch.tensor([[5, 6]])  # inputs enter at unit scale: 1 / the embeddings' std
+    assert model.config.input_scale == 50.0 and torch.allclose(model.decoder.embed_tokens(x), 50 * model.shared.weight[x])
     model.save_pretrained(tmp_path / "m")
     again = RecT5.from_pretrained(tmp_path / "m").eval()
     assert again.config.scale_decoder_outputs is False
