@@ -26,7 +26,9 @@ TUNE ?= 0
 
 demo: $(STAMP)
 	$(VENV)/bin/recflm prepare --config jobs/configs/prepare_laptop.yaml out=$(DEMO)/data --skip-existing --preview 1
-	$(VENV)/bin/recflm pretrain --config jobs/configs/pretrain_laptop.yaml data=$(DEMO)/data out=$(DEMO)/bundle
+	rm -rf $(DEMO)/train  # a fresh run each time (the same run name would resume the last one)
+	$(VENV)/bin/recflm pretrain --config jobs/configs/pretrain_laptop.yaml data=$(DEMO)/data out=$(DEMO)/bundle \
+		storage_path=$(DEMO)/train
 	$(VENV)/bin/recflm evaluate --bundle $(DEMO)/bundle --baselines sasrec_minutes=2
 ifeq ($(TUNE),1)
 	$(VENV)/bin/recflm tune --config jobs/configs/tune_laptop.yaml bundle=$(DEMO)/bundle data=$(DEMO)/data

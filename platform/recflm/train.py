@@ -546,6 +546,27 @@ def family_counts(data_dir: str, pcfg: PrepareConfig, families: list, log=print)
     return {f: int(n) for f, n in counts.groupby("family")["count"].sum().items()}
 
 
+# what may change when a run of the same name is continued: its length, budget and bookkeeping
+RESUMABLE_CHANGES = {"out", "epochs", "max_steps", "max_minutes", "patience", "max_failures", "fail_at_step",
+                     "log_every", "checkpoint_every", "storage_path"}
+
+
+def _check_resumable(saved: Path, cfg: TrainConfig) -> None:
+    """A run of this name exists: continuing it with another recipe would mix two trainings in one run."""
+    if not saved.is_file():
+        return
+    try:
+        old = json.loads(saved.read_text())
+    except json.JSONDecodeError:
+        return
+    new = json.loads(json.dumps(to_dict(cfg)))
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(f"run {saved.parent.name!r} in {saved.parent.parent} was started with another config "
+                          f"(it differs in {', '.join(diff)}): the same name resumes a run; pick another name= "
+                          f"or delete {saved.parent}")
+
+
 def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup:
     """Tokenizer (trained for pretrain, the bundle's for finetune), the lazy example streams and the
     per-worker config. Needs a connected Ray; runs in ``run`` and in each Tune trial's driver.
@@ -563,6 +584,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     from .augment import SEQUENTIAL_STYLES
 
     cfg.prompts = inherited_prompts(cfg)  # recorded in config.json and the manifest: a fine-tune of it inherits them
+    _check_resumable(run_dir / "config.json", cfg)
     pcfg = prepare_config(cfg, data)
     style = pcfg.prompts.sequential_style
     if style not in SEQUENTIAL_STYLES:

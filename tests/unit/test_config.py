@@ -1,6 +1,6 @@
 import pytest
 
-from recflm.config import ConfigError, PrepareConfig, load_config
+from recflm.config import ConfigError, PrepareConfig, load_config, to_dict
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -31,3 +31,18 @@ def test_missing_and_bad_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(PrepareConfig, bad)
+
+
+def test_a_run_of_the_same_name_resumes_only_with_the_same_recipe(tmp_path):
+    import json
+
+    from recflm.train import TrainConfig, _check_resumable
+
+    saved = tmp_path / "demo" / "config.json"
+    saved.parent.mkdir()
+    first = TrainConfig(data="d", preset="seq", lr=1e-3, max_minutes=4)
+    _check_resumable(saved, first)  # a new run: nothing to compare with
+    saved.write_text(json.dumps(to_dict(first)))
+    _check_resumable(saved, TrainConfig(data="d", preset="seq", lr=1e-3, max_minutes=8, epochs=5))  # longer: fine
+    with pytest.raises(ConfigError, match=r"run 'demo' .* differs in lr, preset\): .* pick another name="):
+        _check_resumable(saved, TrainConfig(data="d", preset="tiny", lr=3e-3))
