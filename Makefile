@@ -1,5 +1,5 @@
 # make demo: set up everything and run the pipeline on the bundled MovieLens data:
-#            prepare -> pretrain (the quality recipe, 4 minutes) -> evaluate with baselines -> serve a few answers.
+#            prepare -> pretrain (the quality recipe, 6 minutes) -> evaluate with baselines -> serve a few answers.
 #            `make demo TUNE=1` also runs a small tuning sweep from the pretrained bundle.
 # make test: set up everything and run the test suite.
 PYTHON ?= python3
