@@ -36,7 +36,10 @@ tok = RecTokenizer.load(a.tokenizer)
 cat = pd.read_parquet(f"{a.data}/items.parquet").sort_values("index")
 item_tok = torch.tensor(tok.item_token_ids(list(cat["id_text"])))
 seqs = pd.read_parquet(f"{a.data}/sequences.parquet", columns=["user", "index", "n_train"])
-scale = {} if not a.input_scale else {"input_scale": a.input_scale if a.input_scale == "sqrt" else float(a.input_scale)}
+from recflm.model import PRESETS  # noqa: E402
+
+scale = {} if not a.input_scale else {
+    "input_scale": PRESETS[a.preset]["d_model"] ** 0.5 if a.input_scale == "sqrt" else float(a.input_scale)}
 model = build_model(a.preset, tok.vocab_size, tok.pad_id, tok.eos_id, dropout_rate=a.dropout, feed_forward_proj=a.act,
                     **scale)
 if a.emb_std:

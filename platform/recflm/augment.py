@@ -267,11 +267,13 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
 def thin_families(batch: pd.DataFrame, keep: dict | None, seed: int) -> pd.DataFrame:
     """Keep each example with its family's probability in ``keep`` (the training mix): a pure function
     of the example and its epoch."""
-    if not keep or all(float(v) >= 1 for v in keep.values()) or len(batch) == 0:
+    if not keep or len(batch) == 0:
+        return batch
+    p = batch["family"].map(lambda f: float(keep.get(f, 1.0))).to_numpy(dtype=float)
+    if (p >= 1).all():  # e.g. a block of per-user families when only rating is thinned: nothing to draw
         return batch
     keys = (batch["source"] + "|" + batch["target"] + "|" + batch["epoch"].astype(str)).to_numpy(dtype=object)
     u = _row_uniforms(keys, seed, 0, "train", 1)[:, 0]
-    p = batch["family"].map(lambda f: float(keep.get(f, 1.0))).to_numpy(dtype=float)
     return batch[u < p]
 
 

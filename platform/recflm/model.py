@@ -125,8 +125,6 @@ def build_model(preset: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, 
         raise ValueError(f"unknown model preset {preset!r} (known: {', '.join(PRESETS)})")
     geometry = {"dropout_rate": 0.1, "feed_forward_proj": "relu", **PRESETS[preset], **overrides}
     embed_std = geometry.pop("embed_std", None)
-    if geometry.get("input_scale") == "sqrt":
-        geometry["input_scale"] = float(geometry["d_model"]) ** 0.5
     # T5's tie_word_embeddings=False is its switch for *unscaled* output logits (T5 v1.1); the weights
     # stay tied either way (transformers forces tying), and config.json keeps scale_decoder_outputs
     scale = geometry.pop("scale_outputs", True)

@@ -623,10 +623,9 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     train_ds = train_ds.randomize_block_order()  # unseeded: a new block order every pass
     workers = max(1, cfg.workers)
     steps_per_epoch = max(1, math.ceil(per_epoch / (cfg.batch_size * workers * cfg.grad_accum)))
-    total = steps_per_epoch * cfg.epochs
     if cfg.epoch_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.epoch_steps)
-        total = steps_per_epoch * cfg.epochs
+    total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     val_ds = example_dataset(cfg.data, pcfg, split="valid", families=[f for f in cfg.families if f != "span"],

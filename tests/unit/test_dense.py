@@ -59,9 +59,9 @@ def test_repeated_sources_are_encoded_once_with_the_same_losses(setup):
 
 
 def test_input_scale_multiplies_the_input_embeddings_only(tmp_path):
-    m = build_model("tiny", 100, input_scale="sqrt")
+    s = 8.0
+    m = build_model("tiny", 100, input_scale=s)
     x = torch.tensor([[3, 4]])
-    s = m.config.d_model ** 0.5
     assert m.config.input_scale == pytest.approx(s)
     assert torch.allclose(m.decoder.embed_tokens(x), m.shared.weight[x] * s)
     assert torch.allclose(m.encoder.embed_tokens(x), m.shared.weight[x] * s)
