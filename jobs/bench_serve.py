@@ -21,7 +21,6 @@ per replica (replicas, not threads, take the cores).
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -40,7 +39,7 @@ def naive_server(bundle: str, port: int, beams: int, threads: int) -> None:
     from fastapi import FastAPI
     from pydantic import BaseModel
 
-    from recflm.serve import ModelState
+    from recflm.serve_model import ModelState
 
     torch.set_num_threads(threads)
     st = ModelState(bundle)
@@ -199,8 +198,9 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-threads", type=int, default=os.cpu_count() or 2,
                     help="torch threads of the naive server (default: one per core)")
     ap.add_argument("--max-replicas", type=int, default=2)
-    ap.add_argument("--layout", default="auto", choices=("auto", "fused", "split"), help="recflm's deployments: "
-                    "the ingress and the model in one (fused) or two (split); auto: fused behind HAProxy, else split")
+    ap.add_argument("--layout", default="fused", choices=("auto", "fused", "split"), help="recflm's deployments: "
+                    "the ingress and the model in one (fused, default: the fastest on CPU) or two (split); auto: "
+                    "fused behind HAProxy with min_replicas >= 2, else split (this benchmark starts at 1 replica)")
     ap.add_argument("--no-throughput-mode", action="store_true", help="Serve's default Python HTTP proxy and "
                     "data plane instead of its HAProxy ingress and throughput-optimized data plane")
     ap.add_argument("--dtype", default="float32", help="recflm's served weights: float32, bfloat16 or int8 "

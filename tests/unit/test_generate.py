@@ -79,7 +79,8 @@ def test_served_dtypes_keep_outputs_valid_and_close(setup, dtype):
     import copy
 
     from recflm.config import ConfigError
-    from recflm.serve import ServeConfig, cast_model, check_config
+    from recflm.serve import ServeConfig, check_config
+    from recflm.serve_model import cast_model
 
     tok, model, trie, ids, sources = setup
     enc = tok.encode_batch(sources)

@@ -1,0 +1,348 @@
+"""The model side of ``recflm serve``: one loaded bundle (``ModelState``) and the model deployment
+(``Recommender``) that answers with batched model calls.
+
+``ModelState`` holds everything derived from one bundle: the catalog and its constrained-decoding trie, the
+bundle's prompt templates and inference settings, the known users' training histories from the dataset the
+bundle was trained on (``PreparedData``), the weights cast to the served dtype. A rollout builds a new one
+beside the old and swaps it in whole.
+
+``Recommender`` (wrapped by ``serve.deployment`` in ``serve.build_app``) gets its bundle through
+``user_config`` (``reconfigure``), checks item and user ids against its own catalog and answers with batched
+model calls (``serve.batch``): constrained beam search over the catalog for recommendations (catalog items
+only, the history excluded), expected-rating decoding (the mean over the scale's rating texts) for ratings,
+beam decoding for explanations. Its methods take requests the ingress (``serve_api``) already validated,
+and answer a dict, or ``{"error": {...}}`` (``model_error``) that the ingress turns into a 4xx.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .prompts import sequential_input
+
+if TYPE_CHECKING:
+    from .serve import ServeConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+def log_now(level: int, message: str) -> None:
+    """Log an operator-facing message and write it out at once: Serve's throughput mode buffers a replica's
+    log records (RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE) until the buffer fills or an error comes."""
+    logger.log(level, message)
+    for handler in logger.handlers:
+        handler.flush()
+
+
+def model_error(status: int, reason: str, field: str, message: str, retry_after: int | None = None) -> dict:
+    """The answer for a request the model side refuses: the ingress sends it as a JSON error with ``status``
+    (and a ``Retry-After`` header when ``retry_after`` seconds are given)."""
+    out = {"status": status, "reason": reason, "field": field, "message": message}
+    return {"error": {**out, "retry_after": retry_after} if retry_after is not None else out}
+
+
+
+def cast_model(model, dtype: str):
+    """The model with its weights as served (see ``ServeConfig.dtype``)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return model.to(torch.bfloat16)
+    if dtype == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice: the API still works
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def _listing(values: list, limit: int = 10) -> str:
+    shown = ", ".join(repr(v) for v in values[:limit])
+    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+class ModelState:
+    """One loaded bundle and everything derived from it; replaced whole on a rollout."""
+
+    def __init__(self, bundle: str, data: str = "", dtype: str = "float32"):
+        from .bundle import load_bundle
+        from .config import PrepareConfig, PromptConfig
+        from .dataset import SEQUENCES, PreparedData
+        from .generate import CatalogTrie, ConstrainedBeamSearch
+        from .prompts import load_templates, sequential_template
+
+        t0 = time.perf_counter()
+        self.bundle = load_bundle(bundle)
+        b = self.bundle
+        self.path = str(Path(bundle).resolve())
+        self.manifest = b.manifest
+        self.version = hashlib.sha256((b.path / "manifest.json").read_bytes()).hexdigest()[:12]
+        cat = b.catalog.sort_values("index").reset_index(drop=True)
+        self.catalog = cat
+        self.ids = [str(x) for x in cat["id_text"]]
+        titles = cat["title"] if "title" in cat else [None] * len(cat)
+        # the item description exactly as the data stage renders it into prompts
+        self.desc = [f"{i} ({t})" if isinstance(t, str) else i for i, t in zip(self.ids, titles)]
+        self.index = {str(k): i for i, k in enumerate(cat["item"])}
+        self.trie = CatalogTrie.from_catalog(b.tokenizer, self.ids)
+        b.model = cast_model(b.model, dtype)
+        self.dtype = dtype
+        self.search = ConstrainedBeamSearch(b.model, self.trie)
+        self.max_source_len = int(b.manifest.get("train_config", {}).get("max_source_len", 256))
+        temps = load_templates(b.templates_dir)
+
+        def first_seen(family: str, fields: set):
+            from string import Formatter
+
+            for t in temps[family]:
+                names = {f for _, f, _, _ in Formatter().parse(t.source) if f}
+                if not t.held_out and names <= fields:
+                    return t
+            raise ValueError(f"{b.templates_dir}: no seen {family} template uses only {sorted(fields)}")
+
+        # the bundle's inference settings say how it is asked for next items (train.inference_settings)
+        self.inference = dict(b.manifest.get("inference") or {})
+        self.dense = self.inference.get("sequential") == "dense"
+        self.t_seq = sequential_template(temps, self.dense) if self.dense else first_seen("sequential",
+                                                                                          {"user", "history"})
+        self.t_rating = first_seen("rating", {"user", "item", "item_desc"})
+        self.t_explain = first_seen("explanation", {"user", "item", "item_desc"})
+        # known users' training histories and the prompt settings from the dataset, when it is there
+        self.data_dir = data or b.manifest.get("data", {}).get("path") or ""
+        self.histories: dict[str, list[int]] = {}
+        self.max_prompt_history = PromptConfig().max_history
+        self.scale = (PrepareConfig().rating_min, PrepareConfig().rating_max)
+        if self.data_dir and (Path(self.data_dir) / SEQUENCES).exists():
+            from .bundle import check_catalog
+
+            data = PreparedData.open(self.data_dir)
+            check_catalog(cat, self.data_dir)  # another dataset's item indices would name other items
+            pc = data.manifest.get("config", {})
+            self.max_prompt_history = int(pc.get("prompts", {}).get("max_history", self.max_prompt_history))
+            self.scale = (float(pc.get("rating_min", self.scale[0])), float(pc.get("rating_max", self.scale[1])))
+            s = data.sequences_pandas(columns=["user", "index", "n_train"])
+            self.histories = {str(u): [int(i) for i in ix[:int(n)]] for u, ix, n in
+                              zip(s["user"], s["index"], s["n_train"])}
+            self.histories_from = str(data.path / SEQUENCES)
+        else:
+            self.histories_from = None
+            log_now(logging.WARNING, f"recflm serve: no dataset at {self.data_dir!r}: known-user requests are off, "
+                           "requests must carry a history")
+        if "history" in self.inference:  # the bundle says how many history items its input holds
+            self.max_prompt_history = int(self.inference["history"])
+        self._entries = [self._entry(i) for i in range(len(cat))]
+        self.load_s = round(time.perf_counter() - t0, 2)
+
+    @property
+    def tags(self) -> dict:
+        return {"bundle": self.path, "model_version": self.version}
+
+    def item_entry(self, i: int) -> dict:
+        return dict(self._entries[i])
+
+    def _entry(self, i: int) -> dict:
+        row = self.catalog.iloc[i]
+        out = {"item": str(row["item"]), "index": int(i), "id": self.ids[i]}
+        for col in ("title", "genres", "source"):
+            if col in row and isinstance(row[col], str):
+                out[col] = row[col]
+        for col in ("n_train", "n_total"):
+            if col in row and row[col] == row[col]:
+                out[col] = int(row[col])
+        return out
+
+
+class Recommender:
+    """The model deployment (wrapped by ``serve.deployment`` in ``build_app``)."""
+
+    def __init__(self, cfg: "ServeConfig", metrics=None):
+        import torch
+        from ray import serve
+
+        from .serve_metrics import ServeMetrics
+
+        self.cfg = cfg
+        torch.set_num_threads(max(1, int(cfg.threads)))
+        self.metrics = metrics or ServeMetrics()
+        self.state: ModelState | None = None
+        batch = dict(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s)
+        self._recommend = serve.batch(**batch)(self._recommend_batch)
+        self._rate = serve.batch(**batch)(self._rate_batch)
+        self._explain = serve.batch(**batch)(self._explain_batch)
+        # Ray drops a gauge series that is not re-reported within two metric report intervals,
+        # so the model-info gauge is refreshed from a small thread while the replica lives
+        threading.Thread(target=self._report_model_info, daemon=True).start()
+
+    def _report_model_info(self) -> None:
+        while True:
+            st = self.state
+            if st is not None:
+                self.metrics.model_info.set(1, tags=st.tags)
+            time.sleep(1.0)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Load the bundle named in user_config and swap it in (the old one answers until then)."""
+        bundle = user_config.get("bundle") or ""
+        if self.state is not None and self.state.path == str(Path(bundle).resolve()) and \
+                self.state.data_dir == (user_config.get("data") or self.state.data_dir):
+            return
+        new = ModelState(bundle, user_config.get("data") or "", self.cfg.dtype)
+        self.state = new  # requests already running finish with the state they started with
+        log_now(logging.INFO, f"recflm serve: serving bundle {new.path} (version {new.version}, {len(new.ids)} items, "
+                    f"{len(new.histories)} known users, loaded in {new.load_s} s)")
+
+    def check_health(self) -> None:
+        if self.state is None:
+            raise RuntimeError("no bundle loaded")
+
+    # -------------------------------------------------------------- requests (validated by the Api)
+    def _unknown_items(self, st: ModelState, keys: list[str], field: str) -> dict | None:
+        unknown = [k for k in keys if k not in st.index]
+        if unknown:
+            return model_error(404, "unknown_item", field, f"unknown item ids: {_listing(unknown)} "
+                        f"(not in the catalog of {len(st.ids)} items)")
+        return None
+
+    async def recommend(self, req: dict) -> dict:
+        st = self.state
+        user, history = req.get("user"), req.get("history")
+        if history is not None:
+            bad = self._unknown_items(st, history, "history")
+            if bad:
+                return bad
+            hist, source = [st.index[h] for h in history], "request"
+        elif user in st.histories:
+            hist, source = st.histories[user], "training data"
+        else:
+            why = "no dataset with users' histories is loaded" if st.histories_from is None else \
+                "not a user of the training data"
+            return model_error(404, "unknown_user", "user", f"unknown user {user!r} ({why}): send its history "
+                        "as a list of item ids in 'history'")
+        k = int(req["k"])
+        prompt, prefix = sequential_input(st.t_seq, user or "new", [st.ids[i] for i in hist], st.max_prompt_history)
+        exclude = set(hist) if req.get("exclude_seen", True) else set()
+        found = await self._recommend((st, prompt, exclude, k, prefix))
+        return {"user": user, "known_user": user in st.histories, "history_source": source,
+                "history_length": len(hist), "k": k,
+                "items": [{"rank": r + 1, **st.item_entry(i), "score": round(s, 4)} for r, (i, s) in enumerate(found)],
+                "model_version": st.version}
+
+    def _pair_prompt(self, st: ModelState, req: dict, template) -> tuple[str | None, dict | None]:
+        """The (user, item) prompt of ``template``, or the 4xx answer for an unknown item."""
+        bad = self._unknown_items(st, [req["item"]], "item")
+        if bad:
+            return None, bad
+        i = st.index[req["item"]]
+        return template.source.format(user=req["user"], item=st.ids[i], item_desc=st.desc[i]), None
+
+    async def rating(self, req: dict) -> dict:
+        from .generate import parse_rating
+
+        st = self.state
+        prompt, bad = self._pair_prompt(st, req, st.t_rating)
+        if bad:
+            return bad
+        text = await self._rate((st, prompt))
+        value = parse_rating(text, *st.scale)
+        out = {"user": req["user"], "item": req["item"], "known_user": req["user"] in st.histories,
+               "rating": value, "text": text, "scale": list(st.scale), "model_version": st.version}
+        if value is None:
+            out["parse_error"] = f"the model's output {text!r} is not a number in [{st.scale[0]}, {st.scale[1]}]"
+        return out
+
+    async def explain(self, req: dict) -> dict:
+        st = self.state
+        prompt, bad = self._pair_prompt(st, req, st.t_explain)
+        if bad:
+            return bad
+        text = await self._explain((st, prompt))
+        return {"user": req["user"], "item": req["item"], "known_user": req["user"] in st.histories,
+                "explanation": text, "model_version": st.version}
+
+    def item(self, key: str) -> dict:
+        st = self.state
+        if key not in st.index:
+            return model_error(404, "unknown_item", "item", f"unknown item id {key!r} (not in the catalog of "
+                        f"{len(st.ids)} items)")
+        return st.item_entry(st.index[key])
+
+    def info(self) -> dict:
+        st = self.state
+        return {"bundle": st.path, "model_version": st.version, "manifest": st.manifest, "items": len(st.ids),
+                "known_users": len(st.histories), "histories": st.histories_from,
+                "example_users": list(st.histories)[:3], "prompt_history": st.max_prompt_history,
+                "rating_scale": list(st.scale),
+                "templates": {"sequential": st.t_seq.id, "rating": st.t_rating.id, "explanation": st.t_explain.id}}
+
+    def health(self) -> dict:
+        return {"status": "ok", "bundle": self.state.path, "model_version": self.state.version}
+
+    # -------------------------------------------------------------- batched model calls
+    @staticmethod
+    def _groups(jobs: list) -> list[list[int]]:
+        """Job positions per model state (a batch spans two bundles only during a rollout)."""
+        groups: dict[int, list[int]] = {}
+        for j, job in enumerate(jobs):
+            groups.setdefault(id(job[0]), []).append(j)
+        return list(groups.values())
+
+    async def _recommend_batch(self, jobs: list[tuple]) -> list[list[tuple[int, float]]]:
+        import asyncio
+
+        self.metrics.batch.observe(len(jobs), tags={"task": "recommend"})
+        return await asyncio.to_thread(self._search, jobs)
+
+    def _search(self, jobs: list[tuple]) -> list:
+        out: list = [None] * len(jobs)
+        for group in self._groups(jobs):
+            st = jobs[group[0]][0]
+            tok = st.bundle.tokenizer
+            enc = tok.encode_batch([jobs[j][1] for j in group], st.max_source_len)
+            prefix = [tok.item_token_ids(jobs[j][4]) for j in group] if st.dense else None
+            items, scores = st.search.search(enc, beams=self.cfg.beams, k=max(jobs[j][3] for j in group),
+                                             exclude=[jobs[j][2] for j in group], prefix=prefix)
+            for r, j in enumerate(group):
+                found = [(int(i), float(s)) for i, s in zip(items[r].tolist(), scores[r].tolist()) if i >= 0]
+                out[j] = found[:jobs[j][3]]
+        return out
+
+    def _texts(self, jobs: list[tuple], answer) -> list[str]:
+        """``answer(state, prompts)`` for each bundle's group of jobs, in the jobs' order."""
+        out: list = [None] * len(jobs)
+        for group in self._groups(jobs):
+            st = jobs[group[0]][0]
+            for j, t in zip(group, answer(st, [jobs[j][1] for j in group])):
+                out[j] = t
+        return out
+
+    def _generate(self, jobs: list[tuple], tokens: int, beams: int) -> list[str]:
+        from .generate import generate_text
+
+        return self._texts(jobs, lambda st, prompts: generate_text(st.bundle.model, st.bundle.tokenizer, prompts,
+                                                                   tokens, beams, st.max_source_len))
+
+    async def _rate_batch(self, jobs: list[tuple]) -> list[str]:
+        import asyncio
+
+        self.metrics.batch.observe(len(jobs), tags={"task": "rating"})
+        return await asyncio.to_thread(self._expected_ratings, jobs)
+
+    def _expected_ratings(self, jobs: list[tuple]) -> list[str]:
+        """The expected rating over the scale's rating texts, as ``recflm evaluate`` scores it."""
+        from .generate import predict_ratings
+
+        return self._texts(jobs, lambda st, prompts: predict_ratings(st.bundle.model, st.bundle.tokenizer, prompts,
+                                                                     *st.scale, st.max_source_len))
+
+    async def _explain_batch(self, jobs: list[tuple]) -> list[str]:
+        import asyncio
+
+        self.metrics.batch.observe(len(jobs), tags={"task": "explain"})
+        return await asyncio.to_thread(self._generate, jobs, self.cfg.explain_tokens, self.cfg.explain_beams)
+

@@ -1,0 +1,92 @@
+"""The serve config without Ray: jobs/serve.yaml as Serve and recflm read it, the checks, the layout policy,
+the config being typed and never changed in place, flags on top of a config, and the OpenAPI schema of the
+app built from it (the request limits it declares)."""
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from recflm.config import ConfigError, flags_into
+from recflm.serve import FLAGS, ServeConfig, check_config, load_serve_config, resolve_layout
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_yaml_is_a_valid_serve_config_and_drives_the_app():
+    """jobs/serve.yaml: what `serve deploy` and a RayService's serveConfigV2 accept, and what
+    `recflm serve --config` and `python -m jobs.deploy` read."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from recflm.config import ConfigError
+    from recflm.serve import app_builder, check_config, load_serve_config
+
+    path = ROOT / "jobs" / "serve.yaml"
+    doc = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(doc)
+    app = schema.applications[0]
+    assert app.import_path == "recflm.serve:app_builder" and "bundle" in app.args
+    cfg = load_serve_config(str(path), ["max_replicas=3"])
+    assert cfg.bundle == app.args["bundle"] and cfg.port == doc["http_options"]["port"] and cfg.max_replicas == 3
+    built = app_builder(app.args)  # builds without Ray running: the ingress of the configured application
+    assert built._bound_deployment.name in ("Recommender", "Api")
+    with pytest.raises(ConfigError, match="max_ongoing_requests=4 must be >= max_batch_size=16"):
+        check_config(ServeConfig(max_ongoing_requests=4, target_ongoing_requests=2))
+    with pytest.raises(ConfigError, match="unknown config key nope"):
+        load_serve_config(str(path), ["nope=1"])
+
+
+def test_layout_auto_is_fused_behind_haproxy_with_two_replicas_or_more(monkeypatch):
+    two = ServeConfig(min_replicas=2)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    assert resolve_layout(two) == "fused" and resolve_layout(ServeConfig(layout="split", min_replicas=2)) == "split"
+    # one replica: no other to replay a lost one's requests on; the split layout's ingress answers 503s
+    assert resolve_layout(ServeConfig(min_replicas=1)) == "split"
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert resolve_layout(two) == "split" and resolve_layout(ServeConfig(layout="fused")) == "fused"
+    with pytest.raises(ConfigError, match="layout='joint': expected one of auto, fused, split"):
+        check_config(ServeConfig(layout="joint"))
+
+
+def test_the_config_is_typed_and_never_changed_in_place(tmp_path):
+    cfg = ServeConfig(bundle="b")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.port = 1  # run() derives new configs with dataclasses.replace
+    (tmp_path / "serve.yaml").write_text("bundle: runs/x\nmax_replicas: 4\nbeams: 30\n")
+    cfg = load_serve_config(str(tmp_path / "serve.yaml"), ["default_k=12"])
+    assert (cfg.bundle, cfg.max_replicas, cfg.beams, cfg.default_k) == ("runs/x", 4, 30, 12)
+    args = argparse.Namespace(**{f: None for f in FLAGS})
+    args.port, args.dtype = 9000, "int8"
+    out = flags_into(cfg, args, FLAGS)
+    assert (out.port, out.dtype, out.bundle) == (9000, "int8", "runs/x") and cfg.port == 8000
+    with pytest.raises(ConfigError, match="default_k=31 must be between 1 and beams=30"):
+        check_config(dataclasses.replace(cfg, default_k=31))
+    with pytest.raises(ConfigError, match="min_replicas"):
+        check_config(dataclasses.replace(cfg, min_replicas=5))
+    with pytest.raises(ConfigError, match="threads must be at least 1"):
+        check_config(dataclasses.replace(cfg, threads=0))
+
+
+def test_the_openapi_schema_says_what_validation_enforces():
+    """The app's schema, built here without Ray or a model: the limits of the config, "user or history",
+    and every error status with the error body's schema."""
+    from recflm.serve_api import Api, build_fastapi
+
+    cfg = ServeConfig(bundle="b", beams=12, max_history=40, max_id_chars=50, max_body_bytes=2048, auth_token_env="")
+    spec = build_fastapi(Api(None, cfg)).openapi()
+    rec = spec["components"]["schemas"]["RecommendRequest"]
+    assert rec["properties"]["k"]["maximum"] == 12 and rec["properties"]["k"]["minimum"] == 1
+    assert rec["properties"]["history"]["anyOf"][0]["maxItems"] == 40
+    assert [a["required"] for a in rec["anyOf"]] == [["user"], ["history"]] and rec["additionalProperties"] is False
+    assert "2048 bytes" in rec["description"]
+    for path, method, statuses in (("/v1/recommend", "post", {"400", "401", "404", "413", "415", "422", "500", "503"}),
+                                   ("/v1/items/{item}", "get", {"401", "404", "422", "500", "503"}),
+                                   ("/v1/health", "get", {"500", "503"})):
+        responses = spec["paths"][path][method]["responses"]
+        assert set(responses) == {"200"} | statuses, (path, sorted(responses))
+        for s in statuses:
+            ref = responses[s]["content"]["application/json"]["schema"]["$ref"]
+            assert ref.endswith("/ErrorBody")
+    assert "Retry-After" in spec["paths"]["/v1/rating"]["post"]["responses"]["503"]["headers"]
+    assert set(spec["components"]["schemas"]["ErrorBody"]["required"]) == {"error", "field", "message"}
