@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="key=value overrides apply to the pretrain (TrainConfig) recipe.")
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--table", metavar="FILE", help="a CSV or Parquet interaction table (needs --columns)")
+    src.add_argument("--table", metavar="FILE", help="a CSV, TSV or Parquet interaction table (needs --columns)")
     src.add_argument("--bundled", action="store_true", help="the bundled MovieLens data")
     ap.add_argument("--columns", metavar="MAP", help="column map of --table, e.g. user=user,item=item,ts=ts "
                     "(user, item, ts required; rating, text, summary optional)")
@@ -121,7 +121,7 @@ def parse_args(argv=None):
 
 def configs(args, stamp: int | None = None):
     """The typed configs of the three stages for ``args`` (no work done): (prepare, train, evaluate)."""
-    from recflm.cli import column_map
+    from recflm.config import column_map
     from recflm.config import PrepareConfig, SourceConfig, load_config, to_dict
     from recflm.evaluate import EvalConfig
     from recflm.train import TrainConfig

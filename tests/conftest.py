@@ -2,7 +2,6 @@
 
 Environment knobs are set before Ray starts so that its workers inherit them."""
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -31,10 +30,9 @@ def ray_session():
     """One local Ray for the whole session (tests that need Ray take this fixture)."""
     import ray
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    from recflm.runtime import free_port
+
+    port = free_port()
     temp = Path("/tmp") / f"rft{os.getpid()}"  # short: Ray puts unix sockets under it
     from recflm.serve import set_throughput_env
 

@@ -99,12 +99,12 @@ def _epoch_of(epoch) -> int:
     return int(epoch)
 
 
-def _rng(seed: int, epoch: int, split: str, key: str) -> np.random.Generator:
+def example_rng(seed: int, epoch: int, split: str, key: str) -> np.random.Generator:
     """One generator per user: draws do not depend on how Ray Data cut the batches."""
     return np.random.default_rng([seed, epoch, SPLIT_CODE[split], zlib.crc32(key.encode())])
 
 
-def _row_uniforms(keys: np.ndarray, seed: int, epoch: int, split: str, n: int) -> np.ndarray:
+def row_uniforms(keys: np.ndarray, seed: int, epoch: int, split: str, n: int) -> np.ndarray:
     """``n`` uniform draws per row, a pure function of (seed, epoch, split, row key): vectorised,
     and independent of batch boundaries (splitmix64 over a seeded hash of the key)."""
     hk = hashlib.sha256(f"{seed}/{epoch}/{split}".encode()).hexdigest()[:16]
@@ -136,7 +136,7 @@ def _augment_history(hist: list, rng: np.random.Generator, aug: AugmentConfig, i
         hist[s:s + w] = window
     if hist and rng.random() < aug.substitute:
         # the noise item is one the user never interacted with, so it cannot be a held-out item
-        for j in _negatives(rng, len(ids), seen, 1):
+        for j in sample_negatives(rng, len(ids), seen, 1):
             hist[int(rng.integers(0, len(hist)))] = ids[j]
     if len(hist) >= 2 and rng.random() < aug.mask:
         for j in np.flatnonzero(rng.random(len(hist)) < aug.mask_rate):
@@ -148,7 +148,7 @@ def _join_history(hist: list, rng: np.random.Generator) -> str:
     return (" -> " if rng.random() < 0.5 else ", ").join(hist)
 
 
-def _negatives(rng: np.random.Generator, n_items: int, seen: set, k: int) -> list[int]:
+def sample_negatives(rng: np.random.Generator, n_items: int, seen: set, k: int) -> list[int]:
     out: list[int] = []
     if n_items - len(seen) < k:
         k = max(0, n_items - len(seen))
@@ -193,7 +193,7 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
         n_train, total = int(n_train), len(items)
         seen = set(int(i) for i in index)
         meta = {"user": user, "split": split, "epoch": epoch}
-        rng = _rng(seed, epoch, split, user)
+        rng = example_rng(seed, epoch, split, user)
         seq = [ids[int(i)] for i in index]
         if split == "train":
             if source != primary and rng.random() >= aug.merge_sources:
@@ -227,14 +227,14 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                     t = int(rng.integers(1, n_train))
                     hist = seq[max(0, t - 5):t]
                     if d % 2 == 0:  # yes / no about one item
-                        neg = _negatives(rng, n_items, seen, 1)
+                        neg = sample_negatives(rng, n_items, seen, 1)
                         pos = rng.random() < 0.5 or not neg
                         it = seq[t] if pos else ids[neg[0]]
                         ex = {"user": user, "history": _join_history(hist, rng), "item": it,
                               "answer": "yes" if pos else "no"}
                         fam_temps = [x for x in temps["direct"] if "answer" in x.fields]
                     else:  # 1-of-N candidates
-                        cand = [seq[t]] + [ids[j] for j in _negatives(rng, n_items, seen, prompts.direct_candidates - 1)]
+                        cand = [seq[t]] + [ids[j] for j in sample_negatives(rng, n_items, seen, prompts.direct_candidates - 1)]
                         rng.shuffle(cand)
                         ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t],
                               "candidates": ", ".join(cand)}
@@ -254,8 +254,8 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
             ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
             _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
         if "direct" in families:
-            urng = _rng(seed, 0, split, user)  # fixed negatives per user: the 1-of-100 protocol
-            cand = [seq[t]] + [ids[j] for j in _negatives(urng, n_items, seen, EVAL_CANDIDATES - 1)]
+            urng = example_rng(seed, 0, split, user)  # fixed negatives per user: the 1-of-100 protocol
+            cand = [seq[t]] + [ids[j] for j in sample_negatives(urng, n_items, seen, EVAL_CANDIDATES - 1)]
             urng.shuffle(cand)
             ex = {"user": user, "history": _join_history(hist[-5:], rng), "item": seq[t],
                   "candidates": ", ".join(cand)}
@@ -273,7 +273,7 @@ def thin_families(batch: pd.DataFrame, keep: dict | None, seed: int) -> pd.DataF
     if (p >= 1).all():  # e.g. a block of per-user families when only rating is thinned: nothing to draw
         return batch
     keys = (batch["source"] + "|" + batch["target"] + "|" + batch["epoch"].astype(str)).to_numpy(dtype=object)
-    u = _row_uniforms(keys, seed, 0, "train", 1)[:, 0]
+    u = row_uniforms(keys, seed, 0, "train", 1)[:, 0]
     return batch[u < p]
 
 
@@ -293,7 +293,7 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
     pos = ctx["index"].get_indexer(batch["item"])
     # draws per row: 0 source merge, 1 rating-noise gate, 2-3 noise (Box-Muller), 4 rating gate,
     # 5-7 template choices of rating / explanation / review, 8-10 their keep gates (the mix)
-    u = _row_uniforms((batch["user"] + "|" + batch["item"]).to_numpy(dtype=object), seed, epoch, split, 11)
+    u = row_uniforms((batch["user"] + "|" + batch["item"]).to_numpy(dtype=object), seed, epoch, split, 11)
     keep = keep or {}
     kept = {f: u[:, 8 + j] < float(keep.get(f, 1.0)) for j, f in enumerate(("rating", "explanation", "review"))}
     if keep:  # rows none of whose examples would be kept cost nothing
@@ -383,3 +383,23 @@ def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, spli
     for p in parts[1:]:
         out = out.union(p)
     return out
+
+
+def preview(data_dir: str, n: int, cfg=None) -> str:
+    """N rendered (source -> target) training examples per family, as text."""
+    fams = {}
+    ds = example_dataset(data_dir, cfg, split="train", epoch=0)
+    for row in ds.iter_rows():
+        lst = fams.setdefault(row["family"], [])
+        if len(lst) < n:
+            lst.append(row)
+        if len(fams) == len(FAMILIES) and all(len(v) >= n for v in fams.values()):
+            break
+    lines = []
+    for fam in FAMILIES:
+        if fam not in fams:
+            lines.append(f"[{fam}] skipped: the dataset has no input for it")
+            continue
+        for row in fams[fam]:
+            lines.append(f"[{fam} / {row['template']}] {row['source']}\n    -> {row['target']}")
+    return "\n".join(lines)

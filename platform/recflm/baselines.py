@@ -195,8 +195,13 @@ class SASRec(nn.Module):
         return nn.functional.cross_entropy(self._logits(torch.cat(hs)), torch.cat(ts))
 
     def fit(self, train_seqs, users, ratings=None, seed: int = 0, epochs: int = 200, batch: int = 128,
-            lr: float = 1e-3, valid=None, patience: int = 10, max_minutes: float | None = None, log=None):
+            lr: float = 1e-3, valid=None, patience: int = 10, patience_steps: int = 1000,
+            max_minutes: float | None = None, log=None):
         """Train on ``train_seqs`` (each user's training items in time order).
+
+        Early stopping waits ``patience`` epochs *and* ``patience_steps`` optimizer steps without a better
+        validation NDCG@10: on a data set with few users (610 on MovieLens-small: 17 steps an epoch) ten
+        epochs are too few steps to tell noise from a plateau.
 
         ``valid``: ``(histories, truths)``, each history the user's training items and its truth the
         validation item; the model is scored on it after every epoch and the best epoch's weights are
@@ -221,6 +226,7 @@ class SASRec(nn.Module):
         best_state, best, since = None, -1.0, 0
         self.best_epoch, self.epochs_run, self.best_val_ndcg10, self.val_history = 0, 0, None, []
         out_of_time = not windows  # nothing to learn from: the initial weights stay
+        steps_done, best_step = 0, 0
         for epoch in range(1, epochs + 1):
             if out_of_time:
                 break
@@ -234,6 +240,7 @@ class SASRec(nn.Module):
                 loss.backward()
                 opt.step()
                 total, steps = total + loss.item(), steps + 1
+                steps_done += 1
                 if limit is not None and time.perf_counter() - t0 > limit:
                     out_of_time = True
                     break
@@ -242,14 +249,14 @@ class SASRec(nn.Module):
                 ndcg = self.valid_ndcg10(*valid)
                 self.val_history.append(ndcg)
                 if ndcg > best:
-                    best, since, self.best_epoch = ndcg, 0, epoch
+                    best, since, self.best_epoch, best_step = ndcg, 0, epoch, steps_done
                     best_state = copy.deepcopy(self.state_dict())
                 else:
                     since += 1
                 if log:
                     log(f"SASRec epoch {epoch}: loss {loss:.4f} valid NDCG@10 {ndcg:.4f} "
                         f"(best {best:.4f} at {self.best_epoch}) {time.perf_counter() - t0:.0f} s")
-                if since >= patience:
+                if since >= patience and steps_done - best_step >= patience_steps:
                     break
             else:
                 self.best_epoch = epoch

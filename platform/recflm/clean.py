@@ -39,9 +39,6 @@ TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _TAG_RE = re.compile(r"<[^>]{0,200}>")
 _WS_RE = re.compile(r"\s+")
 
-CLEAN_COLUMNS = ["source", "file_id", "kind", "user", "item", "rating", "ts", "text", "summary",
-                 "reason", "rating_raw", "ts_raw"]
-
 
 def normalise_text(s: pd.Series) -> pd.Series:
     """HTML entities decoded, tags removed, whitespace collapsed; empty -> null."""

@@ -27,7 +27,7 @@ class SourceConfig:
     """One input source.
 
     type: ``movielens`` (a directory with ratings.csv [+ movies.csv, tags.csv]), ``amazon`` (review
-    JSON lines, ``.json``/``.jsonl`` gzipped or not) or ``table`` (CSV or Parquet with a column map).
+    JSON lines, ``.json``/``.jsonl`` gzipped or not) or ``table`` (CSV, TSV or Parquet with a column map).
     """
 
     type: str = "movielens"
@@ -35,7 +35,8 @@ class SourceConfig:
     name: str = ""  # namespace for its user and item IDs; defaults to the type (made unique)
     # table sources: canonical name -> column name in the file (user, item, rating, ts, text, summary, title)
     columns: dict = field(default_factory=dict)
-    format: str = ""  # table sources: csv | parquet (default: from the file extension)
+    format: str = ""  # table sources: csv | tsv | parquet (default: from the file extension: .csv, .tsv, .parquet)
+    delimiter: str = ""  # table sources: CSV field separator (default "," or, for tsv, a tab)
     rating_scale: list = field(default_factory=lambda: [])  # [min, max] of the source; default per type
     ts_unit: str = "s"  # table sources: unit of numeric timestamps (s, ms, us, ns); strings are parsed as dates
 
@@ -105,14 +106,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
         return from_dict(tp, value, prefix=key + ".")
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
             if arg is type(None) and value is None:
                 return None
             try:
                 return _coerce(arg, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: {value!r} does not fit {tp}")
     if tp is bool:
         if isinstance(value, bool):
@@ -157,7 +157,30 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def column_map(text: str) -> dict:
+    """``user=customer,item=sku`` -> {"user": "customer", "item": "sku"} (a table source's ``columns``)."""
+    out = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise ConfigError(f"--columns: {part!r} is not of the form canonical=column")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def set_dotted(data: dict, key: str, value, what: str = "override") -> None:
+    """``data[a][b] = value`` for the dotted ``key`` "a.b" (sections made as needed)."""
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what} {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
 def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``key=value`` override (the value parsed as YAML, the key dotted for nested keys)."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form key=value")
     key, raw = assignment.split("=", 1)
@@ -165,13 +188,15 @@ def apply_override(data: dict, assignment: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
-    parts = key.strip().split(".")
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {p} is not a section")
-    node[parts[-1]] = value
+    set_dotted(data, key, value)
+
+
+def flags_into(cfg, args, flags):
+    """``cfg`` with the command-line flags that were given (not None) on top, as a new config
+    (``dataclasses.replace``). ``flags``: names, or (flag, config key) pairs where they differ."""
+    pairs = [(f, f) if isinstance(f, str) else f for f in flags]
+    given = {key: getattr(args, flag) for flag, key in pairs if getattr(args, flag, None) is not None}
+    return dataclasses.replace(cfg, **given)
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file", mapping: str = "hold a mapping at the top level",

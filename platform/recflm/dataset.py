@@ -31,9 +31,6 @@ ITEMS = "items.parquet"
 STATS = "stats.json"
 MANIFEST = "manifest.json"
 
-SPLITS = ("train", "valid", "test")
-
-
 class DatasetError(ValueError):
     pass
 
@@ -83,13 +80,3 @@ class PreparedData:
 
     def rejects_pandas(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / REJECTS)
-
-    def sequences_ray(self):
-        import ray.data
-
-        return ray.data.read_parquet(str(self.path / SEQUENCES))
-
-    def interactions_ray(self):
-        import ray.data
-
-        return ray.data.read_parquet(str(self.path / INTERACTIONS))

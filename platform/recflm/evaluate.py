@@ -45,7 +45,8 @@ class EvalConfig:
     baselines: bool = False
     two_tower_epochs: int = 20  # training budget of the baselines (passes over the training interactions)
     sasrec_epochs: int = 200  # SASRec's most epochs; it stops early on validation NDCG@10 (the valid split)
-    sasrec_patience: int = 10  # ... after this many epochs without improvement, keeping the best epoch
+    sasrec_patience: int = 10  # ... after this many epochs without improvement, keeping the best epoch,
+    sasrec_patience_steps: int = 1000  # ... and at least this many optimizer steps (small data: short epochs)
     sasrec_minutes: float = 0  # ... or after this many minutes of training (0: no limit)
     out: str = ""  # metrics.json path (default: <bundle>/metrics_<split>.json)
     seed: int = 2022
@@ -56,7 +57,7 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
                inference: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """One row per (task, user or example): the prompt (and, dense style, the decoder prefix) and what
     the answer is checked against. ``inference``: the bundle manifest's settings (``train.inference_settings``)."""
-    from .augment import EVAL_CANDIDATES, SPLIT_CODE, _negatives, _rng, example_dataset
+    from .augment import EVAL_CANDIDATES, SPLIT_CODE, sample_negatives, example_rng, example_dataset
     from .dataset import PreparedData
     from .prompts import load_templates, sequential_input, sequential_template
 
@@ -90,8 +91,8 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
                          "truth": index[t], "history": hist, "exclude": excl, "candidates": [],
                          "target": ids[index[t]]})
         # the same fixed draw as the data stage: rng of (seed, epoch 0, split, user)
-        urng = _rng(pcfg.seed, 0, cfg.split, user)
-        cands = [index[t]] + _negatives(urng, len(ids), set(index), EVAL_CANDIDATES - 1)
+        urng = example_rng(pcfg.seed, 0, cfg.split, user)
+        cands = [index[t]] + sample_negatives(urng, len(ids), set(index), EVAL_CANDIDATES - 1)
         shown = list(cands)
         urng.shuffle(shown)
         if direct_by_seq:  # the candidates ranked by the model's next-item scores after the history
@@ -236,6 +237,7 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
     direct_rows = rows[rows["task"] == "direct"]
     fit_args = {"two-tower": {"epochs": cfg.two_tower_epochs},
                 "SASRec": {"epochs": cfg.sasrec_epochs, "valid": valid, "patience": cfg.sasrec_patience,
+                           "patience_steps": cfg.sasrec_patience_steps,
                            "max_minutes": cfg.sasrec_minutes or None, "log": log}}
     out = {}
     for name, cls in BASELINES.items():
@@ -358,3 +360,28 @@ def run(cfg: EvalConfig, log=print) -> dict:
     print(format_table(results))
     log(f"evaluate: metrics written to {path} ({out['seconds']} s)")
     return out
+
+
+# ----------------------------------------------------------------------------- the CLI stage (recflm evaluate)
+HELP = "evaluate a bundle on the held-out split (valid-only generation), optionally against baselines"
+
+
+def add_arguments(p, name: str) -> None:
+    p.description = HELP + ". Writes metrics.json and prints one table."
+    p.add_argument("--bundle", help="the model bundle (config key: bundle)")
+    p.add_argument("--data", help="prepared dataset directory (default: the one the bundle was trained on)")
+    p.add_argument("--split", choices=["valid", "test"], help="evaluation split (default test)")
+    p.add_argument("--baselines", action="store_true", help="also train and score popularity, two-tower and SASRec")
+    p.add_argument("--replicas", type=int, help="model replicas in the Ray Data actor pool")
+    p.add_argument("--max-users", type=int, help="evaluate the first N users only (0: all)")
+
+
+def command(args) -> int:
+    import dataclasses
+
+    from .config import flags_into, load_config
+
+    cfg = flags_into(load_config(EvalConfig, args.config, args.overrides), args,
+                     ("bundle", "data", "split", "replicas", "max_users"))
+    run(dataclasses.replace(cfg, baselines=True) if args.baselines else cfg)
+    return 0

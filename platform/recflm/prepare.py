@@ -33,7 +33,6 @@ from .dataset import INTERACTIONS, ITEMS, MANIFEST, REJECTS, SEQUENCES, STATS, U
 from .indexing import assign_ids
 from .readers import SourceError, SourcePlan, bundled_source, plan_source, read_item_meta, read_source
 
-INTERACTION_COLUMNS = ["user", "item", "rating", "ts", "text", "summary", "source", "split", "pos"]
 REJECT_COLUMNS = ["source", "file", "kind", "user", "item", "rating", "ts", "text", "summary", "reason"]
 COOC_WINDOW = 3
 
@@ -197,7 +196,6 @@ def rejects_view(t: pa.Table, files: list) -> pa.Table:
 # ----------------------------------------------------------------------------- main
 def run(cfg: PrepareConfig, log=print) -> dict:
     """Run the whole stage; returns the stats dict that is also written to stats.json."""
-    import ray
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
 
@@ -361,6 +359,58 @@ def format_stats(stats: dict) -> str:
     lines += [f"{name:<{w}}  {value:>12}" if isinstance(value, int) else f"{name:<{w}}  {value}"
               for name, value in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the CLI stage (recflm prepare)
+HELP = "clean, index and split interaction logs with Ray Data"
+
+
+def add_arguments(p, name: str) -> None:
+    p.description = ("Read raw interaction logs (MovieLens, Amazon review JSON lines, generic CSV/TSV/Parquet), "
+                     "clean them, apply k-core filtering, assign item IDs, split leave-one-out per user "
+                     "and write a dataset directory. With no source it uses the bundled MovieLens data.")
+    p.add_argument("--out", "-o", help="output dataset directory (config key: out)")
+    p.add_argument("--movielens", action="append", default=[], metavar="DIR",
+                   help="a MovieLens directory (ratings.csv [+ movies.csv, tags.csv]); repeatable")
+    p.add_argument("--amazon", action="append", default=[], metavar="PATH",
+                   help="Amazon review JSON lines (.json/.jsonl, gzipped or not), file or directory; repeatable")
+    p.add_argument("--table", action="append", default=[], metavar="PATH",
+                   help="generic CSV/TSV/Parquet table (.tsv: tab-separated); needs --columns; repeatable")
+    p.add_argument("--columns", action="append", default=[], metavar="MAP",
+                   help="column map for the matching --table, e.g. user=customer,item=sku,rating=stars,ts=time")
+    p.add_argument("--delimiter", help="field separator of every --table CSV (default: ',' or, for .tsv, a tab)")
+    p.add_argument("--k-core", type=int, help="k for iterative k-core filtering (config key: k_core)")
+    p.add_argument("--indexing", choices=["sequential", "random", "collaborative"], help="item ID scheme")
+    p.add_argument("--preview", type=int, default=0, metavar="N",
+                   help="print N rendered (source -> target) examples per task family after preparing")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do not rebuild the dataset if OUT already holds one (only preview / print stats)")
+
+
+def command(args) -> int:
+    from .config import ConfigError, column_map, flags_into, load_config
+    from .dataset import PreparedData
+
+    cfg = flags_into(load_config(PrepareConfig, args.config, args.overrides), args, ("out", "k_core", "indexing"))
+    if len(args.columns) != len(args.table):
+        raise ConfigError("give one --columns map per --table")
+    extra = [SourceConfig(type="movielens", path=d) for d in args.movielens]
+    extra += [SourceConfig(type="amazon", path=p) for p in args.amazon]
+    extra += [SourceConfig(type="table", path=p, columns=column_map(c), delimiter=args.delimiter or "")
+              for p, c in zip(args.table, args.columns)]
+    if extra:
+        cfg.sources = [to_dict(s) for s in extra]
+    if args.skip_existing and (Path(cfg.out) / "manifest.json").exists():
+        stats = PreparedData.open(cfg.out).stats
+    else:
+        stats = run(cfg)
+    print(format_stats(stats))
+    print(f"dataset written to {cfg.out}")
+    if args.preview:
+        from .augment import preview
+
+        print(preview(cfg.out, args.preview, cfg))
+    return 0
 
 
 __all__ = ["run", "plan", "format_stats", "PrepareError", "SourceConfig"]

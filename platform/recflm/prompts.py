@@ -101,25 +101,3 @@ def sequential_input(template: Template, user: str, history: list[str], max_hist
 
 def format_rating(r: float) -> str:
     return f"{r:.1f}"
-
-
-def preview(data_dir: str, n: int, cfg=None) -> str:
-    """N rendered (source -> target) training examples per family, as text."""
-    from .augment import example_dataset
-
-    fams = {}
-    ds = example_dataset(data_dir, cfg, split="train", epoch=0)
-    for row in ds.iter_rows():
-        lst = fams.setdefault(row["family"], [])
-        if len(lst) < n:
-            lst.append(row)
-        if len(fams) == len(FAMILIES) and all(len(v) >= n for v in fams.values()):
-            break
-    lines = []
-    for fam in FAMILIES:
-        if fam not in fams:
-            lines.append(f"[{fam}] skipped: the dataset has no input for it")
-            continue
-        for row in fams[fam]:
-            lines.append(f"[{fam} / {row['template']}] {row['source']}\n    -> {row['target']}")
-    return "\n".join(lines)

@@ -52,6 +52,7 @@ class SourcePlan:
     has_text: bool = False
     has_summary: bool = False
     review_text: bool = False  # text is review text (MovieLens tags are not: they feed explanations only)
+    delimiter: str = ","  # the field separator of CSV files (a tab for TSV)
 
 
 def bundled_source() -> SourceConfig:
@@ -59,11 +60,11 @@ def bundled_source() -> SourceConfig:
 
 
 # ----------------------------------------------------------------------------- checking
-def _csv_header(path: Path) -> list[str]:
+def _csv_header(path: Path, delimiter: str = ",") -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8", newline="") as f:
-            return next(csv.reader(f))
+            return next(csv.reader(f, delimiter=delimiter))
     except StopIteration:
         raise SourceError(f"{path}: file is empty (no header row)") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -133,10 +134,14 @@ def plan_source(cfg: SourceConfig, name: str) -> SourcePlan:
     # generic table
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     fmt = cfg.format or _table_format(files[0] if files else path)
-    ext = (".parquet",) if fmt == "parquet" else (".csv", ".csv.gz")
-    files = [f for f in files if f.name.endswith(ext)]
+    if fmt not in TABLE_FORMATS:
+        raise SourceError(f"source {name!r}: format {fmt!r} is not one of {', '.join(TABLE_FORMATS)}")
+    files = [f for f in files if f.name.endswith(TABLE_FORMATS[fmt])] if path.is_dir() else files
     if not files:
-        raise SourceError(f"{path}: no {fmt} files found")
+        raise SourceError(f"{path}: no {fmt} files found (names ending {', '.join(TABLE_FORMATS[fmt])})")
+    delimiter = cfg.delimiter or ("\t" if fmt == "tsv" else ",")
+    if len(delimiter) != 1:
+        raise SourceError(f"source {name!r}: delimiter {cfg.delimiter!r} must be one character")
     cols = dict(cfg.columns)
     unknown = sorted(set(cols) - set(CANONICAL))
     if unknown:
@@ -152,19 +157,22 @@ def plan_source(cfg: SourceConfig, name: str) -> SourcePlan:
             except Exception as e:  # pyarrow raises several types for a bad file
                 raise SourceError(f"{f}: cannot read as Parquet: {e}") from None
         else:
-            have = _csv_header(f)
+            have = _csv_header(f, delimiter)
         _require_columns(f, have, list(cols.values()))
     return SourcePlan(cfg, name, files, {f: "interaction" for f in files}, scale=scale,
                       has_rating="rating" in cols, has_text="text" in cols, has_summary="summary" in cols,
-                      review_text="text" in cols)
+                      review_text="text" in cols, delimiter=delimiter)
+
+
+# table format -> the file names it reads
+TABLE_FORMATS = {"csv": (".csv", ".csv.gz"), "tsv": (".tsv", ".tsv.gz", ".tab"), "parquet": (".parquet",)}
 
 
 def _table_format(path: Path) -> str:
-    if path.name.endswith(".parquet"):
-        return "parquet"
-    if path.name.endswith((".csv", ".csv.gz")):
-        return "csv"
-    raise SourceError(f"{path}: cannot tell the table format from the name; set format: csv|parquet")
+    for fmt, ends in TABLE_FORMATS.items():
+        if path.name.endswith(ends):
+            return fmt
+    raise SourceError(f"{path}: cannot tell the table format from the name; set format: csv|tsv|parquet")
 
 
 def _first_json_line(path: Path) -> dict:
@@ -219,7 +227,7 @@ def _as_str(col, n: int) -> pd.Series:
     return s.astype("str")
 
 
-def _parse_csv_text(lines: list[str], header: list[str]) -> tuple[pd.DataFrame, list[str]]:
+def _parse_csv_text(lines: list[str], header: list[str], delimiter: str = ",") -> tuple[pd.DataFrame, list[str]]:
     """Parse CSV records with pyarrow, all columns as strings; a record with the wrong number of
     fields is collected (not dropped) and returned as malformed."""
     import pyarrow.csv as pacsv
@@ -234,7 +242,7 @@ def _parse_csv_text(lines: list[str], header: list[str]) -> tuple[pd.DataFrame, 
     table = pacsv.read_csv(
         io.BytesIO(data),
         read_options=pacsv.ReadOptions(column_names=header, use_threads=False),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid, newlines_in_values=False),
         convert_options=pacsv.ConvertOptions(column_types={h: pa.string() for h in header},
                                              strings_can_be_null=False, quoted_strings_can_be_null=False),
     )
@@ -244,7 +252,7 @@ def _parse_csv_text(lines: list[str], header: list[str]) -> tuple[pd.DataFrame, 
 class _CsvParser:
     """map_batches UDF: raw CSV lines (read_text with paths) -> raw rows.
 
-    ``files`` maps each path to (kind, header, column map)."""
+    ``files`` maps each path to (kind, header, column map, delimiter)."""
 
     def __init__(self, source: str, files: dict):
         self.source, self.files = source, files
@@ -257,10 +265,10 @@ class _CsvParser:
         for line, path in zip(lines_all, paths):
             by_path.setdefault(path, []).append(line)
         for path, lines in by_path.items():
-            kind, header, c = self.files[_norm(path)]
-            head = ",".join(header)
+            kind, header, c, delimiter = self.files[_norm(path)]
+            head = delimiter.join(header)
             lines = [ln for ln in lines if ln and ln != head]
-            df, bad = _parse_csv_text(lines, header)
+            df, bad = _parse_csv_text(lines, header, delimiter)
             file = _norm(path)
             out.append(_frame(self.source, file, kind, df[c["user"]], df[c["item"]],
                               df[c["rating"]] if "rating" in c else None, df[c["ts"]],
@@ -356,7 +364,7 @@ def read_source(plan: SourcePlan, post=None):
     for f, name in zip(plan.files, files):
         kind = plan.kind_of[f]
         colmap = ML_COLUMNS[kind] if plan.cfg.type == "movielens" else plan.cfg.columns
-        spec[name] = (kind, _csv_header(f), colmap)
+        spec[name] = (kind, _csv_header(f, plan.delimiter), colmap, plan.delimiter)
     # read_text keeps every line, so a malformed record cannot silently vanish; quoted fields
     # with embedded newlines are not supported by this line-based path.
     return ray.data.read_text(files, include_paths=True).map_batches(

@@ -60,7 +60,7 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wait", action="store_true", help="return after submitting, do not follow the logs")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, name: str = "") -> None:
     _submit_options(p)
     p.add_argument("stage", help="the job module to run: jobs/STAGE.py (prepare, pretrain, evaluate, tune, ...)")
     p.add_argument("job_args", nargs=argparse.REMAINDER, metavar="...",

@@ -43,6 +43,14 @@ class RecTokenizer:
             raise FileNotFoundError(f"{p}: tokenizer file not found")
         return cls(Tokenizer.from_file(str(p)))
 
+    def to_str(self) -> str:
+        """The tokenizer as JSON text (what ``save`` writes): it travels in a config to workers on any node."""
+        return self.hf.to_str()
+
+    @classmethod
+    def from_str(cls, text: str) -> "RecTokenizer":
+        return cls(Tokenizer.from_str(text))
+
     # ------------------------------------------------------------------ encoding
     def _ids_and_words(self, texts: list[str], max_length: int, whole_word: bool):
         encs = self.hf.encode_batch(texts, add_special_tokens=False)

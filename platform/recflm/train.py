@@ -22,6 +22,11 @@ fields of ``TrainConfig``. ``run`` is ``setup`` -> ``make_trainer(...).fit()`` -
 
 A run has a name; the same command with the same name resumes it from its last checkpoint, and
 ``FailureConfig(max_failures)`` restarts a failed worker group from there. The result is a bundle.
+
+One module on purpose (it is longer than the others): the worker loop, the driver's ``setup`` and
+``export_bundle`` share the loop config's keys and the checkpoint layout, and read top to bottom in
+that order (``TrainConfig``, the losses, ``train_loop``, ``setup`` / ``make_trainer``, the export, the
+CLI stage); split, each change to a checkpoint or config key would touch three files.
 """
 from __future__ import annotations
 
@@ -125,7 +130,7 @@ def _batch_tensors(tok, batch, cfg: dict, device):
     from .tokenizer import pad_labels
 
     enc = tok.encode_batch(list(batch["source"]), cfg["max_source_len"])
-    dense = np.array(batch["template"].isin(cfg.get("dense_templates", [])).to_numpy(), dtype=bool)
+    dense = np.array(batch["template"].isin(cfg["dense_templates"]).to_numpy(), dtype=bool)
     if dense.any():
         plain = [t for t, d in zip(batch["target"], dense) if not d]
         plain_ids = iter(tok.target_ids(plain, cfg["max_target_len"]))
@@ -243,13 +248,13 @@ def train_loop(config: dict) -> None:
     from .tokenizer import RecTokenizer
 
     torch.manual_seed(config["seed"])
-    if config.get("threads"):
+    if config["threads"]:
         torch.set_num_threads(int(config["threads"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tok = RecTokenizer.load(config["tokenizer"])
-    dropout = {} if config.get("dropout") is None else {"dropout_rate": float(config["dropout"])}
-    if config.get("init_bundle"):
+    tok = RecTokenizer.from_str(config["tokenizer"])
+    dropout = {} if config["dropout"] is None else {"dropout_rate": float(config["dropout"])}
+    if config["init_bundle"]:
         model = RecT5.from_pretrained(config["init_bundle"], use_safetensors=True, **dropout)
     else:
         model = build_model(config["preset"], tok.vocab_size, tok.pad_id, tok.eos_id, **dropout)
@@ -302,9 +307,9 @@ def train_loop(config: dict) -> None:
     # data position: the epoch and the batches this worker had consumed of it
     start_epoch, skip = position["epoch"], position["batches"]
     epoch, micro = start_epoch, 0
-    fail_at = config.get("fail_at_step", -1)
+    fail_at = config["fail_at_step"]
     fail_marker = Path(config["run_dir"]) / "injected_failure"
-    smoothing = config.get("label_smoothing", 0.0)
+    smoothing = config["label_smoothing"]
     search = ConstrainedBeamSearch(core, CatalogTrie.from_catalog(tok, config["catalog_ids"])) if rank == 0 else None
 
     def save_and_report(metrics: dict, final: bool = False):
@@ -367,7 +372,7 @@ def train_loop(config: dict) -> None:
         return bool(t.item())
 
     def out_of_time() -> bool:
-        return bool(config.get("max_minutes")) and (time.perf_counter() - t_start) / 60 >= config["max_minutes"]
+        return bool(config["max_minutes"]) and (time.perf_counter() - t_start) / 60 >= config["max_minutes"]
 
     model.train()
     clock = ray.get_actor(config["epoch_clock"], namespace=CLOCK_NAMESPACE)
@@ -427,7 +432,7 @@ def train_loop(config: dict) -> None:
             if config["max_steps"] and step >= config["max_steps"]:
                 stopped, mid_epoch = f"max_steps: {config['max_steps']}", True
                 break
-            if config.get("epoch_steps") and step - epoch_start >= config["epoch_steps"]:
+            if config["epoch_steps"] and step - epoch_start >= config["epoch_steps"]:
                 break  # a short epoch (epoch_steps): it ends here, validated below
             if step % 10 == 0 and agree(out_of_time()):
                 stopped, mid_epoch = f"time limit: {config['max_minutes']} minutes", True
@@ -446,7 +451,7 @@ def train_loop(config: dict) -> None:
         if epoch == config["epochs"] - 1:
             break  # the final report below carries this validation
         save_and_report(m)
-        if agree(bool(config.get("patience")) and best["stale"] >= config["patience"]):
+        if agree(bool(config["patience"]) and best["stale"] >= config["patience"]):
             stopped = f"early stop: no better val_ndcg10 for {config['patience']} epochs"
             break
         if agree(out_of_time()):
@@ -484,7 +489,7 @@ def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int) -> list[dict
     """Validation users' inputs (``sequential_input`` with the first seen template of the run's
     style), their next item (``truth``), their training items (``exclude``) and 99 fixed negatives
     (``candidates[1:]``, ``cand_index``). Users are a seeded sample, not the first ``n_users``."""
-    from .augment import _negatives
+    from .augment import sample_negatives
     from .prompts import load_templates, sequential_input, sequential_template
 
     inf = inference_settings(cfg)
@@ -498,7 +503,7 @@ def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int) -> list[dict
     out = []
     for user, seq, index, n_train in seqs.itertuples(index=False):
         src, prefix = sequential_input(temp, user, list(seq[:n_train]), inf["history"])
-        neg = _negatives(rng, len(ids), set(int(i) for i in index), 99)
+        neg = sample_negatives(rng, len(ids), set(int(i) for i in index), 99)
         cand = [int(index[n_train])] + neg
         out.append({"source": src, "prefix": prefix, "candidates": [ids[j] for j in cand], "cand_index": cand,
                     "truth": int(index[n_train]), "exclude": [int(i) for i in index[:n_train]]})
@@ -567,6 +572,36 @@ def _check_resumable(saved: Path, cfg: TrainConfig) -> None:
                           f"or delete {saved.parent}")
 
 
+class RunStore:
+    """The run's own small files (config.json, tokenizer.json) where its checkpoints live: a local
+    directory, or any URI pyarrow's file systems know (``s3://``, ``gs://``, ...). With a remote storage
+    the driver keeps a working copy in a temp dir, but what a resume on another machine needs is read
+    from the storage."""
+
+    def __init__(self, storage: str, name: str):
+        import pyarrow.fs as pafs
+
+        if "://" in storage:
+            self.fs, root = pafs.FileSystem.from_uri(storage)
+        else:
+            self.fs, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
+        self.base = f"{root.rstrip('/')}/{name}"
+        self.fs.create_dir(self.base, recursive=True)
+
+    def read(self, fname: str) -> bytes | None:
+        import pyarrow.fs as pafs
+
+        path = f"{self.base}/{fname}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write(self, fname: str, data: bytes) -> None:
+        with self.fs.open_output_stream(f"{self.base}/{fname}") as f:
+            f.write(data)
+
+
 def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup:
     """Tokenizer (trained for pretrain, the bundle's for finetune), the lazy example streams and the
     per-worker config. Needs a connected Ray; runs in ``run`` and in each Tune trial's driver.
@@ -581,6 +616,11 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     run_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp()) / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    store = RunStore(storage, name)
+    for fname in ("config.json", "tokenizer.json"):  # a remote run's files, for the checks and a resume here
+        saved = store.read(fname)
+        if saved is not None and not (run_dir / fname).exists():
+            (run_dir / fname).write_bytes(saved)
     from .augment import SEQUENTIAL_STYLES
 
     cfg.prompts = inherited_prompts(cfg)  # recorded in config.json and the manifest: a fine-tune of it inherits them
@@ -601,6 +641,8 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         items = data.id_texts if cfg.item_token_mode == "token" else None
         train_tokenizer(corpus, cfg.vocab_size, item_tokens=items).save(tok_path)
         log(f"pretrain: tokenizer trained on {len(corpus)} texts -> {tok_path}")
+    if "://" in storage:  # where a resume (on any machine) finds it, beside the checkpoints
+        store.write("tokenizer.json", tok_path.read_bytes())
 
     if style != "prompt":
         from .tokenizer import RecTokenizer
@@ -631,12 +673,15 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     val_ds = example_dataset(cfg.data, pcfg, split="valid", families=[f for f in cfg.families if f != "span"],
                              log=lambda *a: None).limit(cfg.val_examples).materialize()
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if "://" in storage:
+        store.write("config.json", (run_dir / "config.json").read_bytes())
     log(f"pretrain: run {name!r}: {per_epoch:.0f} examples/epoch, {total} steps, {cfg.workers} worker(s), "
         f"storage {storage}")
     from .prompts import is_dense, load_templates
 
     dense_ids = [t.id for t in load_templates(pcfg.prompts.templates_dir or None)["sequential"] if is_dense(t)]
-    loop_cfg = {**to_dict(cfg), "tokenizer": str(tok_path), "total_steps": total, "run_dir": str(run_dir),
+    # the tokenizer travels as text: workers on other nodes cannot read the driver's files
+    loop_cfg = {**to_dict(cfg), "tokenizer": tok_path.read_text(), "total_steps": total, "run_dir": str(run_dir),
                 "dense_templates": dense_ids, "dense_max_len": pcfg.prompts.dense_max_len,
                 "epoch_clock": clock_name,
                 "val_rank": _val_ranking(data, pcfg, cfg.val_users, cfg.seed), "catalog_ids": data.id_texts,
@@ -715,3 +760,39 @@ def run(cfg: TrainConfig, log=print) -> Path:
     if result.error:
         raise result.error
     return export_bundle(cfg, result.checkpoint, s.run_dir, log=log)
+
+
+# ----------------------------------------------------------------------------- the CLI stages (pretrain, finetune)
+HELP = {"pretrain": "pretrain the model on all task families with Ray Train (DDP)",
+        "finetune": "fine-tune a bundle on chosen task families with Ray Train"}
+
+
+def add_arguments(p, name: str) -> None:
+    p.description = (HELP[name] + ". The result is a model bundle; rerunning with the same --name resumes the run "
+                     "from its last checkpoint.")
+    p.add_argument("--data", help="prepared dataset directory (config key: data)")
+    p.add_argument("--out", "-o", help="bundle directory to write (config key: out)")
+    p.add_argument("--name", help="run name; the same name resumes (config key: name)")
+    p.add_argument("--preset", choices=["tiny", "seq", "mini", "small", "base"], help="model size (config key: preset)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (config key: workers)")
+    p.add_argument("--gpu", action="store_true", help="train on GPUs (NCCL, bf16 autocast)")
+    p.add_argument("--storage-path", help="checkpoint storage: a path or URI such as s3://bucket/runs")
+    if name == "finetune":
+        p.add_argument("--bundle", required=True, help="the bundle to start from")
+        p.add_argument("--tasks", help="comma-separated task families to train, e.g. sequential,direct")
+
+
+def command(args) -> int:
+    import dataclasses
+
+    from .config import flags_into, load_config
+
+    cfg = flags_into(load_config(TrainConfig, args.config, args.overrides), args,
+                     ("data", "out", "name", "preset", "workers", "storage_path"))
+    more = {"gpu": True} if args.gpu else {}
+    if args.command == "finetune":
+        more["init_bundle"] = args.bundle
+        if args.tasks:
+            more["families"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    run(dataclasses.replace(cfg, **more))
+    return 0

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, from_dict, load_config, read_yaml_mapping, to_dict
+from .config import ConfigError, flags_into, from_dict, load_config, read_yaml_mapping, set_dotted, to_dict
 
 HELP = "search fine-tune settings of a bundle with Ray Tune (ASHA early stopping, resumable)"
 
@@ -126,12 +126,7 @@ def trial_train_config(base: dict, settings: dict):
 
     data = json.loads(json.dumps(base))  # a deep copy
     for key, value in settings.items():
-        node, parts = data, key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"space {key}: {p} is not a section of TrainConfig")
-        node[parts[-1]] = value
+        set_dotted(data, key, value, what="space")
     return from_dict(TrainConfig, data)
 
 
@@ -465,7 +460,7 @@ def run(cfg: TuneConfig, log=print) -> dict:
 
 
 # ----------------------------------------------------------------------------- CLI
-def add_arguments(p) -> None:
+def add_arguments(p, name: str = "tune") -> None:
     p.add_argument("--bundle", help="the bundle every trial fine-tunes (config key: bundle)")
     p.add_argument("--data", help="prepared dataset (default: the one the bundle was trained on)")
     p.add_argument("--space", help="search space YAML (default jobs/configs/tune_space.yaml)")
@@ -478,8 +473,6 @@ def add_arguments(p) -> None:
 
 
 def command(args) -> int:
-    cfg = load_config(TuneConfig, args.config, args.overrides)
-    for flag in ("bundle", "data", "space", "trials", "name", "resume", "search", "storage_path", "out"):
-        if getattr(args, flag, None) is not None:
-            setattr(cfg, flag, getattr(args, flag))
+    cfg = flags_into(load_config(TuneConfig, args.config, args.overrides), args,
+                     ("bundle", "data", "space", "trials", "name", "resume", "search", "storage_path", "out"))
     return 130 if run(cfg)["interrupted"] else 0

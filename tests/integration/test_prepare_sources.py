@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from recflm.cli import main
-from recflm.config import PrepareConfig, SourceConfig
+from recflm.config import PrepareConfig
 from recflm.dataset import PreparedData
 from recflm.prepare import run
 
@@ -44,6 +44,8 @@ def write_amazon(path, n_users=10, n_items=6):
 
 @pytest.fixture(scope="module")
 def merged(ray_session, tmp_path_factory):
+    if not FOOD.is_file():
+        pytest.skip(f"needs the shared Amazon Fine Food sample at {FOOD} (not in a lone clone of the repo)")
     tmp = tmp_path_factory.mktemp("src")
     n_ml = write_movielens(tmp / "ml")
     n_az = write_amazon(tmp / "reviews.jsonl.gz")
@@ -120,27 +122,32 @@ def test_collaborative_and_random_indexing(ray_session, tmp_path):
         assert all(len(a) == len(b) for a, b in zip(seqs["ids"], seqs["items"]))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--movielens", "/nonexistent/ml"], "/nonexistent/ml: a MovieLens source must be a directory"),
-    (["--amazon", "/nonexistent.json"], "/nonexistent.json: no such file"),
-    (["--table", str(FOOD), "--columns", "user=UserId,item=NoSuchColumn,ts=Time"], "missing column(s) NoSuchColumn"),
-    (["--table", str(FOOD)], "one --columns map per --table"),
-    (["sources=[{type: excel, path: x.xlsx}]"], "unknown source type 'excel'"),
-    (["k_core=-1"], "k_core must be >= 0"),
-])
-def test_bad_input_stops_before_work_with_a_clear_message(tmp_path, capsys, args, message):
-    rc = main(["prepare", "--out", str(tmp_path / "o"), *args])
-    err = capsys.readouterr().err
-    assert rc == 2 and message in err, err
-    assert not (tmp_path / "o").exists()  # nothing was done
+def _events(n_users=8, n_items=6):
+    return [(f"u{u}", f"i{i}", 1 + (u + i) % 5, 1_600_000_000 + 3600 * (u * n_items + i), f"good, cheap, item {i}")
+            for u in range(n_users) for i in range(n_items)]
 
 
-def test_unreadable_and_empty_files(tmp_path, capsys):
-    empty = tmp_path / "empty.csv"
-    empty.write_text("")
-    assert main(["prepare", "--out", str(tmp_path / "o"), "--table", str(empty), "--columns", "user=a,item=b,ts=c"]) == 2
-    assert f"{empty}: file is empty" in capsys.readouterr().err
-    bad = tmp_path / "bad.parquet"
-    bad.write_bytes(b"not parquet at all")
-    assert main(["prepare", "--out", str(tmp_path / "o"), "--table", str(bad), "--columns", "user=a,item=b,ts=c"]) == 2
-    assert f"{bad}: cannot read as Parquet" in capsys.readouterr().err
+def test_tab_separated_and_other_delimiters(ray_session, tmp_path, capsys):
+    """A .tsv.gz table is read as tab-separated (commas inside fields are text), a record with the wrong
+    number of fields is rejected as malformed and counted; --delimiter reads any other separator."""
+    rows = _events()
+    tsv = tmp_path / "events.tsv.gz"
+    with gzip.open(tsv, "wt") as f:
+        f.write("uid\titem_id\tstars\ttime\tnote\n")
+        f.writelines("\t".join(map(str, r)) + "\n" for r in rows)
+        f.write("u1\ti2\n")  # too few fields
+    cols = "user=uid,item=item_id,rating=stars,ts=time,text=note"
+    assert main(["prepare", "--out", str(tmp_path / "t"), "--k-core", "2", "--table", str(tsv), "--columns", cols]) == 0
+    data = PreparedData.open(tmp_path / "t")
+    assert data.stats["kept"] == len(rows) and data.stats["rejected_by_reason"] == {"malformed_row": 1}
+    texts = data.interactions_pandas(columns=["text"])["text"]
+    assert texts.str.startswith("good, cheap, item").all()
+    semi = tmp_path / "events.csv"
+    semi.write_text("uid;item_id;stars;time;note\n" + "".join(";".join(map(str, r)) + "\n" for r in rows))
+    assert main(["prepare", "--out", str(tmp_path / "s"), "--k-core", "2", "--table", str(semi), "--columns", cols,
+                 "--delimiter", ";"]) == 0
+    assert PreparedData.open(tmp_path / "s").stats["kept"] == len(rows)
+    capsys.readouterr()
+    # read with the wrong separator, the columns are not there: one message, before any work
+    assert main(["prepare", "--out", str(tmp_path / "w"), "--table", str(semi), "--columns", cols]) == 2
+    assert "missing column(s)" in capsys.readouterr().err and not (tmp_path / "w").exists()

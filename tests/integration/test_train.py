@@ -104,3 +104,30 @@ def test_early_stopping_and_the_time_limit(bundled_dataset, tmp_path):
     run(c, log=lambda *a: None)
     final = history(c)[-1]
     assert final["stopped"].startswith("time limit") and final["epoch"] < 49
+
+
+def test_a_run_on_uri_storage_keeps_its_tokenizer_and_config_there(bundled_dataset, tmp_path, ray_session):
+    """storage_path as a URI (file:// here, s3:// on a cluster): the tokenizer and the run's config are
+    written beside the checkpoints, a driver on another machine (a fresh temp dir) finds them there
+    instead of training another tokenizer, and the workers get the tokenizer itself, not a driver path."""
+    from recflm.config import ConfigError
+    from recflm.tokenizer import RecTokenizer
+    from recflm.train import setup
+
+    data, _, _ = bundled_dataset
+    remote = tmp_path / "bucket"
+    c = cfg(data, tmp_path, name="uri", storage_path=f"file://{remote}")
+    logs: list[str] = []
+    s = setup(c, log=logs.append)
+    stored = remote / "uri" / "tokenizer.json"
+    assert stored.is_file() and (remote / "uri" / "config.json").is_file()
+    assert any("tokenizer trained" in m for m in logs)
+    assert not str(s.run_dir).startswith(str(remote))  # the driver's working copy is elsewhere
+    assert RecTokenizer.from_str(s.loop_cfg["tokenizer"]).vocab_size == RecTokenizer.load(stored).vocab_size
+    # another driver (its own temp dir) resumes the run: the stored tokenizer, not a new one
+    again: list[str] = []
+    s2 = setup(cfg(data, tmp_path, name="uri", storage_path=f"file://{remote}"), log=again.append)
+    assert s2.run_dir != s.run_dir and not any("tokenizer trained" in m for m in again)
+    assert s2.loop_cfg["tokenizer"] == stored.read_text()
+    with pytest.raises(ConfigError, match="vocab_size"):  # the stored config guards the resume
+        setup(cfg(data, tmp_path, name="uri", storage_path=f"file://{remote}", vocab_size=700), log=lambda *a: None)

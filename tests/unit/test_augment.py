@@ -1,6 +1,6 @@
 import numpy as np
 
-from recflm.augment import MASK, _augment_history, _negatives, _row_uniforms
+from recflm.augment import MASK, _augment_history, sample_negatives, row_uniforms
 from recflm.config import AugmentConfig
 
 IDS = np.array([str(i) for i in range(1, 101)], dtype=object)
@@ -40,15 +40,15 @@ def test_mask_reorder_substitute():
 
 def test_negatives_avoid_seen_items():
     rng = np.random.default_rng(0)
-    neg = _negatives(rng, 100, set(range(50)), 30)
+    neg = sample_negatives(rng, 100, set(range(50)), 30)
     assert len(neg) == 30 and len(set(neg)) == 30 and min(neg) >= 50
-    assert len(_negatives(rng, 10, set(range(8)), 5)) == 2  # only two items left
+    assert len(sample_negatives(rng, 10, set(range(8)), 5)) == 2  # only two items left
 
 
 def test_row_uniforms_are_pure_functions_of_the_key():
     keys = np.array(["u1|a", "u2|b", "u1|a"], dtype=object)
-    a = _row_uniforms(keys, 7, 0, "train", 3)
+    a = row_uniforms(keys, 7, 0, "train", 3)
     assert a.shape == (3, 3) and ((a >= 0) & (a < 1)).all()
     assert (a[0] == a[2]).all() and not (a[0] == a[1]).all()
-    assert (_row_uniforms(keys[:1], 7, 0, "train", 3) == a[:1]).all()
-    assert not (_row_uniforms(keys, 7, 1, "train", 3) == a).all()
+    assert (row_uniforms(keys[:1], 7, 0, "train", 3) == a[:1]).all()
+    assert not (row_uniforms(keys, 7, 1, "train", 3) == a).all()

@@ -94,7 +94,7 @@ def test_sasrec_early_stopping_restores_the_best_epoch():
     train = [s[:-2] for s in seqs]
     valid = ([s[:-2] for s in seqs], [s[-2] for s in seqs])
     model = SASRec(N_ITEMS, dim=32, max_len=20, dropout=0.2)
-    model.fit(train, None, epochs=40, lr=3e-3, batch=32, valid=valid, patience=3, seed=2)
+    model.fit(train, None, epochs=40, lr=3e-3, batch=32, valid=valid, patience=3, patience_steps=0, seed=2)
     hist = model.val_history
     assert len(hist) == model.epochs_run and 1 <= model.best_epoch <= model.epochs_run <= 40
     assert model.best_val_ndcg10 == max(hist) == hist[model.best_epoch - 1] > 0.5  # random: ~0.07
@@ -107,6 +107,20 @@ def test_sasrec_early_stopping_restores_the_best_epoch():
     # the test item was never seen: it is ranked after the training items
     ranks = full_ranks(model, [s[:-1] for s in seqs], [s[-1] for s in seqs])
     assert (ranks >= 0).all() and np.mean(ranks < 10) > 0.5
+
+
+def test_sasrec_patience_counts_steps_too():
+    """240 users, batch 32: 8 steps an epoch. Three epochs without a better validation score are 24 steps,
+    too few to stop on; with patience_steps=80 it waits at least 10 epochs after its best (or runs out)."""
+    seqs = _chains(seed=3)
+    train = [s[:-2] for s in seqs]
+    valid = ([s[:-2] for s in seqs], [s[-2] for s in seqs])
+    model = SASRec(N_ITEMS, dim=16, max_len=20, dropout=0.2)
+    model.fit(train, None, epochs=30, lr=1e-3, batch=32, valid=valid, patience=3, patience_steps=80, seed=3)
+    steps_per_epoch = -(-len(train) // 32)
+    assert steps_per_epoch == 8
+    assert model.epochs_run == 30 or (model.epochs_run - model.best_epoch) * steps_per_epoch >= 80
+    assert model.epochs_run == 30 or model.epochs_run - model.best_epoch >= 10
 
 
 def test_sasrec_time_limit_and_no_validation():

@@ -121,7 +121,6 @@ def test_dense_templates_and_the_shared_input_builder():
 def test_dense_examples_cover_training_items_only(tmp_path):
     """Windows of dense_max_len training items (the latest first), never a validation or test item."""
     from recflm.augment import sequence_examples
-    from recflm.dataset import PreparedData
 
     items = [f"it{i}" for i in range(30)]
     seq = pd.DataFrame({"user": ["u1", "u2"], "source": ["s", "s"], "items": [items[:25], items[:4]],

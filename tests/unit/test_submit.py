@@ -2,13 +2,13 @@
 how its arguments split between it and the job, and its errors. Submitting to a real two-node
 cluster is tests/integration/test_multinode.py."""
 import shlex
-import socket
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from recflm.cli import main
+from recflm.runtime import free_port
 from recflm.submit import EXCLUDES, SubmitError, build_job, split_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +32,20 @@ def test_job_entrypoint_and_runtime_env():
     assert env["env_vars"]["RAY_DATA_DEFAULT_SHUFFLE_STRATEGY"] == "hash_shuffle"
 
 
+def test_every_cli_stage_that_runs_on_a_cluster_has_a_job_module():
+    """`recflm submit STAGE` runs jobs/STAGE.py; finetune included (it runs `recflm finetune`)."""
+    import os
+    import subprocess
+    import sys
+
+    for stage in ("prepare", "pretrain", "finetune", "evaluate", "tune"):
+        entrypoint, _ = build_job(stage, ["--help"], str(ROOT), [])
+        assert shlex.split(entrypoint)[2] == f"jobs.{stage}"
+    out = subprocess.run([sys.executable, "-m", "jobs.finetune", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "platform")}, timeout=120)
+    assert out.returncode == 0 and "--bundle" in out.stdout and "finetune" in out.stdout, out.stderr
+
+
 def test_unknown_stage_names_the_ones_there_are():
     with pytest.raises(SubmitError, match=r"jobs/nosuch\.py.*have: .*pretrain"):
         build_job("nosuch", [], str(ROOT), [])
@@ -53,10 +67,7 @@ def test_upload_leaves_out_environments_data_and_caches(tmp_path):
 def test_cli_errors_are_one_line_and_exit_2(capsys):
     assert main(["submit", "nosuch", "--address", "http://127.0.0.1:1"]) == 2
     assert "jobs/nosuch.py" in capsys.readouterr().err
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
+    port = free_port()  # nothing listens there now
     assert main(["submit", "pretrain", "--address", f"http://127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach a Ray cluster at http://127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
