@@ -92,10 +92,11 @@ def test_cluster_yaml_validates_against_rays_schema():
     for v in workers.values():  # autoscaling bounds
         assert 0 <= v["min_workers"] <= v["max_workers"]
     assert config["max_workers"] == sum(v["max_workers"] for v in workers.values())
-    # the image has the pinned Ray; the setup installs the project that file_mounts syncs
-    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray_pin()}-")
+    # the project image (pinned Ray, torch, recflm); the setup only lays the synced tree over it, no downloads
+    assert config["docker"]["image"] == recflm_image()
     (remote, local), = config["file_mounts"].items()
-    assert local == "." and any("pip install" in c and f"-e {remote}" in c for c in config["setup_commands"])
+    assert local == "." and config["setup_commands"] == [f"pip install -q --no-deps -e {remote}"]
+    assert not any("torch" in c for c in config["setup_commands"] + config.get("head_setup_commands", []))
     assert any(f"-v {SHARED}:{SHARED}" in o for o in config["docker"]["run_options"])
 
 
@@ -161,8 +162,12 @@ def test_ray_version_and_images_match_the_pin():
             assert c["image"] == recflm_image(), (what, c["image"])
     # the image is built from Ray's image of the same version, and the kustomization tags it so
     dockerfile = (K8S / "Dockerfile").read_text()
-    assert re.search(rf"^FROM rayproject/ray:{re.escape(pin)}-py3\d+(-gpu)?$", dockerfile, re.M)
-    assert f"-t {recflm_image()} " in dockerfile
+    assert re.search(rf"^ARG BASE=rayproject/ray:{re.escape(pin)}-py3\d+-gpu$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{BASE\}$", dockerfile, re.M) and f"-t {recflm_image()} " in dockerfile
+    # the CPU variant: Ray's CPU image of the same version and torch's CPU wheel index
+    assert f"BASE=rayproject/ray:{pin}-py311-cpu" in dockerfile and "download.pytorch.org/whl/cpu" in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
     (img,) = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
     assert f"{img['name']}:{img['newTag']}" == recflm_image()
 
@@ -171,6 +176,8 @@ def test_raycluster_autoscales_cpu_and_gpu_groups():
     (cluster,) = by_kind("RayCluster")
     spec = cluster["spec"]
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
+    # autoscalerOptions.version exists from KubeRay 1.4 on: the kustomization states that floor
+    assert "KubeRay (operator >= 1.4" in (K8S / "kustomization.yaml").read_text()
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     groups = spec["workerGroupSpecs"]
     for g in groups:
@@ -238,6 +245,47 @@ def test_rayservice_serves_jobs_serve_yaml_and_validates():
     # Serve's HTTP port is exposed by the pods
     ports = {p["containerPort"] for c in containers(service["spec"]["rayClusterConfig"]) for p in c.get("ports", [])}
     assert embedded["http_options"]["port"] in ports
+    # every pod runs Serve as `recflm serve` starts it: HAProxy, the throughput data plane, the replays
+    from recflm.serve import HAPROXY_RETRY_ENV, THROUGHPUT_ENV
+
+    for c in containers(service["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert {**THROUGHPUT_ENV, **HAPROXY_RETRY_ENV}.items() <= env.items(), (c["name"], env)
+
+
+def _unknown_serve_keys(doc: dict) -> list[str]:
+    """Keys of a Serve config that ServeDeploySchema would silently ignore, and application args that are
+    not ServeConfig keys (app_builder would reject those only on the cluster)."""
+    import dataclasses
+
+    from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
+    from recflm.serve import ServeConfig
+
+    def unknown(d: dict, model, where: str) -> list[str]:
+        return [f"{where}{k}" for k in d if k not in model.model_fields]
+
+    out = unknown(doc, ServeDeploySchema, "")
+    out += unknown(doc.get("http_options") or {}, HTTPOptionsSchema, "http_options.")
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    for app in doc.get("applications") or []:
+        out += unknown(app, ServeApplicationSchema, f"applications[{app.get('name')}].")
+        out += [f"applications[{app.get('name')}].args.{k}" for k in app.get("args") or {} if k not in fields]
+        for dep in app.get("deployments") or []:
+            out += unknown(dep, DeploymentSchema, f"applications[{app.get('name')}].deployments.")
+    return out
+
+
+def test_serve_configs_have_no_key_that_would_be_ignored():
+    """ServeDeploySchema ignores unknown keys; a typo (`max_replica: 4`) would deploy the default silently."""
+    (service,) = by_kind("RayService")
+    for doc in (yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text()),
+                yaml.safe_load(service["spec"]["serveConfigV2"])):
+        assert _unknown_serve_keys(doc) == []
+    typo = yaml.safe_load((ROOT / "jobs" / "serve.yaml").read_text())
+    typo["http_options"]["prot"] = 1
+    typo["applications"][0]["args"]["max_replica"] = 4
+    assert _unknown_serve_keys(typo) == ["http_options.prot", "applications[recflm].args.max_replica"]
 
 
 def test_serve_schema_check_is_not_vacuous():
@@ -317,3 +365,68 @@ def test_cluster_configs_load_and_fit_the_clusters(stage):
         gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
                                           .get("nvidia.com/gpu", 0)) for g in cluster["spec"]["workerGroupSpecs"])
         assert gpus >= cfg.workers
+
+
+# ----------------------------------------------------------------------------- the Grafana dashboard
+def _selectors(node):
+    """Every vector selector of a parsed PromQL expression (promql_parser's AST)."""
+    kind = type(node).__name__
+    if kind == "VectorSelector":
+        yield node
+        return
+    if kind == "MatrixSelector":
+        yield node.vector_selector
+        return
+    for attr in ("expr", "lhs", "rhs", "param"):
+        child = getattr(node, attr, None)
+        if child is not None and type(child).__name__ not in ("NumberLiteral", "StringLiteral"):
+            yield from _selectors(child)
+    for arg in getattr(node, "args", None) or []:
+        yield from _selectors(arg)
+
+
+def _ray_serve_metric_exists(name: str) -> bool:
+    """Whether the Ray we pin exports the ``ray_serve_*`` metric: Serve's source names it (without ``ray_``
+    and the exporter's ``_total`` / histogram suffixes), or Ray's own Serve dashboards query it."""
+    import ray
+
+    root = Path(ray.__file__).parent
+    base = re.sub(r"_(total|bucket|sum|count)$", "", name[len("ray_"):])
+    if any(f'"{base}"' in p.read_text(errors="ignore") for p in (root / "serve").rglob("*.py")):
+        return True
+    panels = root / "dashboard" / "modules" / "metrics" / "dashboards"
+    return any(re.search(rf"\b{re.escape(name)}\{{", p.read_text(errors="ignore")) for p in panels.glob("serve*.py"))
+
+
+def test_dashboard_queries_parse_and_name_exported_metrics():
+    """Every panel's PromQL parses (promql_parser, the Prometheus grammar), names a metric recflm's
+    serve_metrics or the pinned Ray Serve exports, filters by the dashboard's variables, and the
+    proxy panels leave out what HAProxy answers itself (health checks: application "")."""
+    promql_parser = pytest.importorskip("promql_parser", reason="promql-parser is a test dependency (make venv)")
+    from recflm import serve_metrics as sm
+
+    ours = {f"ray_{m}{suffix}" for m, suffix in ((sm.REQUESTS, "_total"), (sm.INVALID, "_total"), (sm.ITEMS, "_total"),
+                                                  (sm.MODEL_INFO, ""))}
+    ours |= {f"ray_{m}_{s}" for m in (sm.LATENCY, sm.BATCH) for s in ("bucket", "sum", "count")}
+    dash = json.loads((K8S / "grafana" / "recflm-serve-dashboard.json").read_text())
+    exprs = [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", []) if "expr" in t]
+    assert len(exprs) >= 10
+    seen = set()
+    for title, expr in exprs:
+        ast = promql_parser.parse(expr.replace("$__rate_interval", "5m"))
+        sels = list(_selectors(ast))
+        assert sels, (title, expr)
+        for v in sels:
+            seen.add(v.name)
+            labels = {m.name: (str(m.op), m.value) for m in v.matchers.matchers}
+            assert v.name in ours or (v.name.startswith("ray_serve_") and _ray_serve_metric_exists(v.name)), \
+                (title, v.name)
+            assert labels.get("application", ("", ""))[1] in ("$application", ""), (title, labels)
+            assert "ray_io_cluster" in labels, (title, v.name)
+            if v.name.startswith(("ray_serve_num_http_requests", "ray_serve_http_request_latency")):
+                # as Ray's own Serve dashboard does: HAProxy's own answers have application "", /-/ routes
+                assert labels.get("route") == ("MatchOp.NotRe", "/-/.*") and \
+                    any(m.name == "application" and m.value == "" and "Not" in str(m.op) for m in v.matchers.matchers), \
+                    (title, "counts HAProxy's own health-check answers")
+    assert ours <= seen | {f"ray_{sm.LATENCY}_sum", f"ray_{sm.LATENCY}_count"}, sorted(ours - seen)
+    assert not _ray_serve_metric_exists("ray_serve_no_such_metric_total")
