@@ -116,7 +116,8 @@ def test_a_run_on_uri_storage_keeps_its_tokenizer_and_config_there(bundled_datas
 
     data, _, _ = bundled_dataset
     remote = tmp_path / "bucket"
-    c = cfg(data, tmp_path, name="uri", storage_path=f"file://{remote}")
+    small = dict(name="uri", storage_path=f"file://{remote}", families=["sequential"], val_examples=8, val_users=8)
+    c = cfg(data, tmp_path, **small)
     logs: list[str] = []
     s = setup(c, log=logs.append)
     stored = remote / "uri" / "tokenizer.json"
@@ -126,8 +127,8 @@ def test_a_run_on_uri_storage_keeps_its_tokenizer_and_config_there(bundled_datas
     assert RecTokenizer.from_str(s.loop_cfg["tokenizer"]).vocab_size == RecTokenizer.load(stored).vocab_size
     # another driver (its own temp dir) resumes the run: the stored tokenizer, not a new one
     again: list[str] = []
-    s2 = setup(cfg(data, tmp_path, name="uri", storage_path=f"file://{remote}"), log=again.append)
+    s2 = setup(cfg(data, tmp_path, **small), log=again.append)
     assert s2.run_dir != s.run_dir and not any("tokenizer trained" in m for m in again)
     assert s2.loop_cfg["tokenizer"] == stored.read_text()
     with pytest.raises(ConfigError, match="vocab_size"):  # the stored config guards the resume
-        setup(cfg(data, tmp_path, name="uri", storage_path=f"file://{remote}", vocab_size=700), log=lambda *a: None)
+        setup(cfg(data, tmp_path, **small, vocab_size=700), log=lambda *a: None)
