@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, from_dict, load_config, to_dict
+from .config import ConfigError, from_dict
 
 HELP = "serve a model bundle over HTTP with Ray Serve (batched, autoscaling, metrics)"
 DTYPES = ("float32", "bfloat16", "int8")
@@ -146,28 +146,25 @@ def check_config(cfg: ServeConfig) -> None:
 
 
 def load_serve_config(path: str | None, overrides: list[str] | None = None) -> ServeConfig:
-    """A ServeConfig from a recflm YAML (ServeConfig keys) or from a Serve config file such as
-    ``jobs/serve.yaml`` (its recflm application's ``args`` plus ``http_options``), then overrides."""
-    import yaml
+    """The ServeConfig of a recflm YAML (ServeConfig keys) or of a Serve config file such as ``jobs/serve.yaml``
+    (its recflm application's ``args`` plus ``http_options``), overrides on top; the file is read once,
+    the keys checked against ServeConfig (unset ones keep its defaults); ``run`` checks the values, once the
+    command's flags are on top."""
+    from .config import apply_override, read_yaml_mapping
 
-    from .config import apply_override
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text()) if path and Path(path).is_file() else None
-    except yaml.YAMLError:
-        doc = None  # load_config says what is wrong with it
-    if not isinstance(doc, dict) or "applications" not in doc:
-        return load_config(ServeConfig, path, overrides)
-    apps = [a for a in doc["applications"] or [] if str(a.get("import_path", "")).startswith("recflm.serve")]
-    if not apps:
-        raise ConfigError(f"{path}: no application with import_path recflm.serve:app_builder")
-    data = {k: v for k, v in (doc.get("http_options") or {}).items() if k in ("host", "port", "request_timeout_s")}
-    data.update({"name": apps[0].get("name", "recflm"), "route_prefix": apps[0].get("route_prefix", "/")})
-    data.update(apps[0].get("args") or {})
+    doc = read_yaml_mapping(path) if path else {}
+    if "applications" in doc:  # a Serve config file
+        apps = [a for a in doc["applications"] or [] if str(a.get("import_path", "")).startswith("recflm.serve")]
+        if not apps:
+            raise ConfigError(f"{path}: no application with import_path recflm.serve:app_builder")
+        data = {k: v for k, v in (doc.get("http_options") or {}).items() if k in ("host", "port", "request_timeout_s")}
+        data.update({"name": apps[0].get("name", "recflm"), "route_prefix": apps[0].get("route_prefix", "/")})
+        data.update(apps[0].get("args") or {})
+    else:
+        data = doc
     for o in overrides or []:
         apply_override(data, o)
-    return from_dict(ServeConfig, {**to_dict(ServeConfig()), **data})
-
+    return from_dict(ServeConfig, data)
 
 
 # ----------------------------------------------------------------------------- layout and throughput
@@ -210,7 +207,7 @@ def set_throughput_env() -> None:
 
 # ----------------------------------------------------------------------------- building and running
 def build_app(cfg: ServeConfig):
-    """The Serve application for ``cfg``: the fused Recommender (ingress and model in one deployment), or
+    """The Serve application for ``cfg`` (checked: ``run`` and ``app_builder`` check it first): the fused Recommender (ingress and model in one deployment), or
     the Api ingress bound to the Recommender (layout "split"). The replicas get ``cfg`` itself, its layout
     resolved (a Serve config's application builder runs on the cluster, where the environment is the
     nodes' own); the bundle travels in user_config only, so changing it is a reconfigure."""
@@ -219,7 +216,6 @@ def build_app(cfg: ServeConfig):
     from .serve_api import Api, Service
     from .serve_model import Recommender
 
-    check_config(cfg)
     cfg = dataclasses.replace(cfg, layout=resolve_layout(cfg))
     fused = cfg.layout == "fused"
     model = serve.deployment(
@@ -242,8 +238,10 @@ def build_app(cfg: ServeConfig):
 
 def app_builder(args: dict):
     """Application builder for Serve config files (``import_path: recflm.serve:app_builder``):
-    ``args`` are ServeConfig keys."""
-    return build_app(from_dict(ServeConfig, {**to_dict(ServeConfig()), **(args or {})}))
+    ``args`` are ServeConfig keys, checked here (``run`` checks its own config before ``build_app``)."""
+    cfg = from_dict(ServeConfig, dict(args or {}))
+    check_config(cfg)
+    return build_app(cfg)
 
 
 def check_bundle(path: str) -> str:

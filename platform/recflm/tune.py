@@ -22,6 +22,9 @@ continues an interrupted sweep: finished trials are kept, unfinished ones resume
 epoch checkpoint), each trial's Train run under ``train/``, and at the end ``results.csv`` (one row
 per trial, best first), ``<metric>.png`` (the metric per trial over epochs) and ``best_bundle/``
 (the best trial's model; its manifest records the trial's settings under ``tune``).
+
+The module is a little over the house's ~450 lines: the space parser (every value each entry can take,
+checked against TrainConfig before anything runs) is half of it and belongs with the sweep it feeds.
 """
 from __future__ import annotations
 
