@@ -220,7 +220,9 @@ def build_app(cfg: ServeConfig):
     fused = cfg.layout == "fused"
     model = serve.deployment(
         name="Recommender", max_ongoing_requests=cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus},
+        # glibc's per-thread malloc arenas (batches run in worker threads) grow a replica's memory for
+        # hours; two arenas keep it flat (jobs/bench_soak.py)
+        ray_actor_options={"num_cpus": cfg.num_cpus, "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}},
         autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                             "initial_replicas": cfg.min_replicas,
                             "target_ongoing_requests": cfg.target_ongoing_requests,
@@ -228,12 +230,16 @@ def build_app(cfg: ServeConfig):
                             "look_back_period_s": cfg.look_back_period_s},
         user_config={"bundle": cfg.bundle, "data": cfg.data}, health_check_period_s=5,
         graceful_shutdown_timeout_s=30)(serve.ingress()(Service) if fused else Recommender)
+    # the replicas' own copy leaves the bundle out: it arrives as user_config, so that with `serve deploy`
+    # a new bundle changes no init argument and is swapped in by reconfigure on the running replicas
+    # (an imperative serve.run, as `recflm serve --bundle NEW`, rolls new replicas out; no request fails either way)
+    settings = dataclasses.replace(cfg, bundle="", data="")
     if fused:
-        return model.bind(cfg)
+        return model.bind(settings)
     ingress = serve.deployment(name="Api", num_replicas=cfg.api_replicas,
                                max_ongoing_requests=cfg.api_max_ongoing_requests,
                                ray_actor_options={"num_cpus": cfg.api_cpus})(serve.ingress()(Api))
-    return ingress.bind(model.bind(cfg), cfg)
+    return ingress.bind(model.bind(settings), settings)
 
 
 def app_builder(args: dict):
