@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .config import PrepareConfig, from_dict, to_dict
+from .config import PrepareConfig, flags_into, from_dict, load_config, to_dict
 
 
 @dataclass
@@ -377,11 +377,7 @@ def add_arguments(p, name: str) -> None:
 
 
 def command(args) -> int:
-    import dataclasses
-
-    from .config import flags_into, load_config
-
     cfg = flags_into(load_config(EvalConfig, args.config, args.overrides), args,
                      ("bundle", "data", "split", "replicas", "max_users"))
-    run(dataclasses.replace(cfg, baselines=True) if args.baselines else cfg)
+    run(replace(cfg, baselines=True) if args.baselines else cfg)
     return 0

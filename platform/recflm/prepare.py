@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 
 from . import __version__
 from .clean import REASONS, RowCleaner, account_block, dedup_block, finalize_block, kcore_item_counts
-from .config import PrepareConfig, SourceConfig, parse_sources, to_dict
+from .config import (ConfigError, PrepareConfig, SourceConfig, column_map, flags_into, load_config, parse_sources,
+                     to_dict)
 from .dataset import INTERACTIONS, ITEMS, MANIFEST, REJECTS, SEQUENCES, STATS, USERS
 from .indexing import assign_ids
 from .readers import SourceError, SourcePlan, bundled_source, plan_source, read_item_meta, read_source
@@ -388,7 +389,6 @@ def add_arguments(p, name: str) -> None:
 
 
 def command(args) -> int:
-    from .config import ConfigError, column_map, flags_into, load_config
     from .dataset import PreparedData
 
     cfg = flags_into(load_config(PrepareConfig, args.config, args.overrides), args, ("out", "k_core", "indexing"))

@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, from_dict
+from .config import ConfigError, flags_into, from_dict
 
 HELP = "serve a model bundle over HTTP with Ray Serve (batched, autoscaling, metrics)"
 DTYPES = ("float32", "bfloat16", "int8")
@@ -285,12 +285,11 @@ def check_data(bundle: str, data: str) -> str:
 def run(cfg: ServeConfig, log=print) -> str:
     """Deploy (or update: a rolling update without failed requests) the application; return its URL."""
     import math
-    import socket
 
     import ray
     from ray import serve
 
-    from .runtime import ensure_ray
+    from .runtime import ensure_ray, free_port
 
     check_config(cfg)
     bundle = check_bundle(cfg.bundle)
@@ -303,9 +302,7 @@ def run(cfg: ServeConfig, log=print) -> str:
     haproxy = haproxy_ingress(ray_cluster=True)
     cfg = dataclasses.replace(cfg, layout=resolve_layout(cfg, haproxy))
     if cfg.port == 0:  # any free port
-        with socket.socket() as sock:
-            sock.bind((cfg.host if cfg.host not in ("0.0.0.0", "") else "127.0.0.1", 0))
-            cfg = dataclasses.replace(cfg, port=sock.getsockname()[1])
+        cfg = dataclasses.replace(cfg, port=free_port(cfg.host if cfg.host not in ("0.0.0.0", "") else "127.0.0.1"))
     for attempt in (1, 2, 3):  # on an overloaded node Serve may replace a proxy that starts too slowly
         try:
             serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
@@ -374,8 +371,6 @@ def add_arguments(p: argparse.ArgumentParser, name: str = "") -> None:
 
 
 def command(args) -> int:
-    from .config import flags_into
-
     cfg = flags_into(load_serve_config(args.config, args.overrides), args, FLAGS)
     url = run(cfg)
     from ray import serve

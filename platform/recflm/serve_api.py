@@ -275,15 +275,14 @@ def add_guard(app, api: "Api") -> None:
         return resp
 
 
-def declared_errors(*statuses: int) -> dict:
-    """FastAPI ``responses`` for the error statuses a route answers with, each with the error schema."""
+def declared_errors(body, *statuses: int) -> dict:
+    """FastAPI ``responses`` for the error statuses a route answers with, each with ``body``, the error schema."""
     why = {400: "the body is not JSON, or a header is malformed", 401: "a bearer token is required (when auth is on)",
            404: "an id that is not in the catalog or the training data, or no such path",
            413: "the body is larger than max_body_bytes", 415: "the body is not application/json",
            422: "a field is missing, unknown, of the wrong type or out of its range",
            500: "a bug in the service (its log says more)",
            503: "no model replica can answer now: retry after the Retry-After header's seconds"}
-    body = error_schema()
     out = {s: {"model": body, "description": why[s]} for s in statuses}
     if 503 in out:
         out[503]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
@@ -299,8 +298,9 @@ def add_routes(app, api: "Api") -> None:
 
     cfg = api.cfg
     RecommendRequest, PairRequest = request_models(cfg)
-    post = declared_errors(400, 401, 404, 413, 415, 422, 500, 503)
-    get = declared_errors(401, 500, 503)
+    body = error_schema()
+    post = declared_errors(body, 400, 401, 404, 413, 415, 422, 500, 503)
+    get = declared_errors(body, 401, 500, 503)
 
     @app.post("/v1/recommend", summary="Recommend next items for a known user or a raw history of item ids",
               responses=post)
@@ -322,7 +322,7 @@ def add_routes(app, api: "Api") -> None:
         return answer(await api.call("explain", body.model_dump()))
 
     @app.get("/v1/items/{item:path}", summary="Look up an item of the catalog",
-             responses=declared_errors(401, 404, 422, 500, 503))
+             responses=declared_errors(body, 401, 404, 422, 500, 503))
     async def item(item: Annotated[str, PathParam(min_length=1, max_length=cfg.max_id_chars)]):
         return answer(await api.call("item", item))
 
@@ -337,7 +337,7 @@ def add_routes(app, api: "Api") -> None:
                 "limits": {k: getattr(cfg, k) for k in keys}}
 
     @app.get("/v1/health", summary="Liveness of the ingress and the model deployment (no token needed)",
-             responses=declared_errors(500, 503))
+             responses=declared_errors(body, 500, 503))
     async def health():
         return answer(await api.call("health"))
 

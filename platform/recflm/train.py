@@ -38,12 +38,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, PrepareConfig, from_dict, to_dict
+from .config import ConfigError, PrepareConfig, flags_into, from_dict, load_config, to_dict
 
 
 @dataclass
@@ -573,18 +573,15 @@ def _check_resumable(saved: Path, cfg: TrainConfig) -> None:
 
 
 class RunStore:
-    """The run's own small files (config.json, tokenizer.json) where its checkpoints live: a local
-    directory, or any URI pyarrow's file systems know (``s3://``, ``gs://``, ...). With a remote storage
-    the driver keeps a working copy in a temp dir, but what a resume on another machine needs is read
-    from the storage."""
+    """A run's own small files (config.json, tokenizer.json) beside its checkpoints on a remote storage: any
+    URI pyarrow's file systems know (``s3://``, ``gs://``, ``file://``, ...). The driver works on a copy in a
+    temp dir; what a resume on another machine needs is read back from here. A local storage needs none:
+    the run directory is the storage itself."""
 
     def __init__(self, storage: str, name: str):
         import pyarrow.fs as pafs
 
-        if "://" in storage:
-            self.fs, root = pafs.FileSystem.from_uri(storage)
-        else:
-            self.fs, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
+        self.fs, root = pafs.FileSystem.from_uri(storage)
         self.base = f"{root.rstrip('/')}/{name}"
         self.fs.create_dir(self.base, recursive=True)
 
@@ -613,14 +610,16 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
 
     data = PreparedData.open(cfg.data)
     name = cfg.name or Path(cfg.out).name
-    storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-    run_dir = Path(storage) / name if "://" not in storage else Path(tempfile.mkdtemp()) / name
+    remote = "://" in cfg.storage_path
+    storage = cfg.storage_path if remote else str(Path(cfg.storage_path).resolve())
+    run_dir = Path(tempfile.mkdtemp()) / name if remote else Path(storage) / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    store = RunStore(storage, name)
-    for fname in ("config.json", "tokenizer.json"):  # a remote run's files, for the checks and a resume here
-        saved = store.read(fname)
-        if saved is not None and not (run_dir / fname).exists():
-            (run_dir / fname).write_bytes(saved)
+    store = RunStore(storage, name) if remote else None
+    if store:  # the fresh working copy gets the run's stored files: for the resume check and a resume here
+        for fname in ("config.json", "tokenizer.json"):
+            saved = store.read(fname)
+            if saved is not None:
+                (run_dir / fname).write_bytes(saved)
     from .augment import SEQUENTIAL_STYLES
 
     cfg.prompts = inherited_prompts(cfg)  # recorded in config.json and the manifest: a fine-tune of it inherits them
@@ -641,7 +640,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         items = data.id_texts if cfg.item_token_mode == "token" else None
         train_tokenizer(corpus, cfg.vocab_size, item_tokens=items).save(tok_path)
         log(f"pretrain: tokenizer trained on {len(corpus)} texts -> {tok_path}")
-    if "://" in storage:  # where a resume (on any machine) finds it, beside the checkpoints
+    if store:  # where a resume (on any machine) finds it, beside the checkpoints
         store.write("tokenizer.json", tok_path.read_bytes())
 
     if style != "prompt":
@@ -673,7 +672,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     val_ds = example_dataset(cfg.data, pcfg, split="valid", families=[f for f in cfg.families if f != "span"],
                              log=lambda *a: None).limit(cfg.val_examples).materialize()
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    if "://" in storage:
+    if store:
         store.write("config.json", (run_dir / "config.json").read_bytes())
     log(f"pretrain: run {name!r}: {per_epoch:.0f} examples/epoch, {total} steps, {cfg.workers} worker(s), "
         f"storage {storage}")
@@ -783,10 +782,6 @@ def add_arguments(p, name: str) -> None:
 
 
 def command(args) -> int:
-    import dataclasses
-
-    from .config import flags_into, load_config
-
     cfg = flags_into(load_config(TrainConfig, args.config, args.overrides), args,
                      ("data", "out", "name", "preset", "workers", "storage_path"))
     more = {"gpu": True} if args.gpu else {}
@@ -794,5 +789,5 @@ def command(args) -> int:
         more["init_bundle"] = args.bundle
         if args.tasks:
             more["families"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    run(dataclasses.replace(cfg, **more))
+    run(replace(cfg, **more))
     return 0
