@@ -18,7 +18,10 @@ Augmentation operators (probabilities in ``AugmentConfig``), applied to training
 The sequential family has two styles (``prompts.sequential_style``): ``prompt`` (P5: the history in
 the source, one next-item target) and ``dense`` (the target is a window of the user's training items,
 one token per item, every position a next-item target; see ``prompts.sequential_input`` for how
-inference renders it); ``both`` emits the two.
+inference renders it); ``both`` emits the two. The rating family has two styles too
+(``prompts.rating_style``): ``prompt`` (one (user, item) prompt per training interaction) and ``dense``
+(the target is a window of the user's (item, rating) pairs, one token each, every rating a target; see
+``prompts.rating_input``); dense rating examples come from the user sequences, not the interaction rows.
 
 The ``span`` family (asked for by name) is the self-supervised objective on raw sequences: a
 contiguous span of 1-3 training items is replaced by ``<mask>`` and is the target.
@@ -39,10 +42,18 @@ import pandas as pd
 
 from .config import AugmentConfig, PrepareConfig, PromptConfig
 from .dataset import INTERACTIONS, SEQUENCES, PreparedData
-from .prompts import DENSE_FIELD, FAMILIES, format_rating, load_templates, usable
+from .prompts import DENSE_FIELD, FAMILIES, RATED_FIELD, format_rating, load_templates, rated_sequence, usable
 
 SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 SEQUENTIAL_STYLES = ("prompt", "dense", "both")
+RATING_STYLES = ("prompt", "dense")
+
+
+def dense_rating(prompts: PromptConfig) -> bool:
+    """Whether rating examples are of the dense style (built from user sequences, not interaction rows)."""
+    if prompts.rating_style not in RATING_STYLES:
+        raise ValueError(f"prompts.rating_style={prompts.rating_style!r}: expected one of {', '.join(RATING_STYLES)}")
+    return prompts.rating_style == "dense"
 EVAL_CANDIDATES = 100
 EXAMPLE_COLUMNS = ["family", "template", "source", "target", "user", "item", "split", "epoch"]
 MASK = "<mask>"
@@ -188,8 +199,12 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
     style = prompts.sequential_style
     if style not in SEQUENTIAL_STYLES:
         raise ValueError(f"prompts.sequential_style={style!r}: expected one of {', '.join(SEQUENTIAL_STYLES)}")
-    for user, source, items, index, n_train in zip(batch["user"], batch["source"], batch["items"],
-                                                   batch["index"], batch["n_train"]):
+    rated = "rating" in families and dense_rating(prompts)
+    lo, hi = ctx["scale"] if rated else (None, None)
+    W = max(1, int(prompts.rating_window))
+    all_ratings = batch["ratings"] if rated else [None] * len(batch)
+    for user, source, items, index, n_train, ratings in zip(batch["user"], batch["source"], batch["items"],
+                                                            batch["index"], batch["n_train"], all_ratings):
         n_train, total = int(n_train), len(items)
         seen = set(int(i) for i in index)
         meta = {"user": user, "split": split, "epoch": epoch}
@@ -208,6 +223,15 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                     ex = {"user": user, DENSE_FIELD: " ".join(seq[max(0, end - L):end])}
                     _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out,
                           {**meta, "item": items[end - 1]})
+            if rated:
+                # dense rating: every window of rating_window rated training items (the latest first) is
+                # one example whose every rating is a target (items without a rating are left out)
+                pairs = [k for k in range(n_train) if _rated(ratings[k])]
+                for end in range(len(pairs), 0, -W):
+                    win = pairs[max(0, end - W):end]
+                    ex = {"user": user, RATED_FIELD: rated_sequence([seq[k] for k in win], [ratings[k] for k in win],
+                                                                    lo, hi)}
+                    _emit(rows, "rating", temps["rating"], ex, rng.random(), held_out, {**meta, "item": items[win[-1]]})
             if "sequential" in families and style != "dense":
                 for _ in range(prompts.sequential_per_user):
                     t = int(rng.integers(1, n_train))
@@ -253,6 +277,10 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
         if "sequential" in families and style != "dense":
             ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
             _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
+        if rated and _rated(ratings[t]):  # the split's rating, after the rated items before it
+            win = [k for k in range(t + 1) if _rated(ratings[k])][-W:]
+            ex = {"user": user, RATED_FIELD: rated_sequence([seq[k] for k in win], [ratings[k] for k in win], lo, hi)}
+            _emit(rows, "rating", temps["rating"], ex, rng.random(), held_out, {**meta, "item": items[t]})
         if "direct" in families:
             urng = example_rng(seed, 0, split, user)  # fixed negatives per user: the 1-of-100 protocol
             cand = [seq[t]] + [ids[j] for j in sample_negatives(urng, n_items, seen, EVAL_CANDIDATES - 1)]
@@ -262,6 +290,10 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
             fam_temps = [x for x in temps["direct"] if "candidates" in x.fields]
             _emit(rows, "direct", fam_temps, ex, rng.random(), held_out, {**meta, "item": items[t]})
     return thin_families(pd.DataFrame(rows, columns=EXAMPLE_COLUMNS), keep, seed)
+
+
+def _rated(r) -> bool:
+    return r is not None and not pd.isna(r)
 
 
 def thin_families(batch: pd.DataFrame, keep: dict | None, seed: int) -> pd.DataFrame:
@@ -303,6 +335,7 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
                 live |= kept[f]
         batch, pos, u, kept = batch[live], pos[live], u[live], {f: m[live] for f, m in kept.items()}
     noise = np.sqrt(-2 * np.log(np.maximum(u[:, 2], 1e-300))) * np.cos(2 * np.pi * u[:, 3])
+    prompt_rating = "rating" in families and not dense_rating(prompts)  # dense ones come from the sequences
     rows: list = []
     cut = prompts.max_text_chars
     for k, ((user, item, rating, text, summary, source), p) in enumerate(zip(
@@ -318,7 +351,7 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
             r = float(np.clip(round(r + noise[k] * aug.rating_noise_sd, 1), lo, hi))
         base = {"user": user, "item": ctx["ids"][p], "item_desc": ctx["desc"][p],
                 "rating": format_rating(r) if has_rating else None}
-        if "rating" in families and has_rating and (split != "train" or u[k, 4] < prompts.rating_per_row) \
+        if prompt_rating and has_rating and (split != "train" or u[k, 4] < prompts.rating_per_row) \
                 and kept["rating"][k]:
             _emit(rows, "rating", temps["rating"], base, u[k, 5], held_out, meta)
         has_text = isinstance(text, str) and text
@@ -371,10 +404,11 @@ def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, spli
     # block sizes: a block of 16 users (a few examples each) and one of 1024 interactions (one example
     # each, down-sampled by the balanced mix) hold tens of examples, far fewer than the training loop's
     # local shuffle buffer, so batches mix the families from the first steps on
-    if {"sequential", "direct", SPAN} & set(fams):
+    rated = "rating" in fams and dense_rating(cfg.prompts)
+    if {"sequential", "direct", SPAN} & set(fams) or rated:
         parts.append(read(SEQUENCES, 16)
                      .map_batches(sequence_examples, fn_kwargs=kw, batch_format="pandas", batch_size=None))
-    if {"rating", "explanation", "review"} & set(fams):
+    if {"explanation", "review"} & set(fams) or ("rating" in fams and not rated):
         parts.append(read(INTERACTIONS, 1024)
                      .map_batches(interaction_examples, fn_kwargs=kw, batch_format="pandas", batch_size=None))
     if not parts:

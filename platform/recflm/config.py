@@ -71,6 +71,11 @@ class PromptConfig:
     direct_per_user: int = 2
     direct_candidates: int = 20  # candidates in 1-of-N training prompts (evaluation uses 1-of-100)
     rating_per_row: float = 1.0  # expected rating examples per training interaction
+    # rating family: prompt (P5: one (user, item) prompt per rating) or dense (the target is a window of the
+    # user's (item, rating) pairs, one token each: every rating of the window a target in one decoder pass,
+    # predicted from the user's earlier items and ratings; needs one token per item)
+    rating_style: str = "prompt"
+    rating_window: int = 25  # dense rating: (item, rating) pairs per target sequence
     max_text_chars: int = 400
     templates_dir: str = ""  # default: the templates shipped with the package
 

@@ -59,28 +59,39 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
     the answer is checked against. ``inference``: the bundle manifest's settings (``train.inference_settings``)."""
     from .augment import EVAL_CANDIDATES, SPLIT_CODE, sample_negatives, example_rng, example_dataset
     from .dataset import PreparedData
-    from .prompts import load_templates, sequential_input, sequential_template
+    from .prompts import format_rating, load_templates, rating_input, rating_template, sequential_input, \
+        sequential_template
 
     data = PreparedData.open(data_dir)
     pcfg = from_dict(PrepareConfig, data.manifest["config"])
     temps = load_templates(templates_dir)
     ids = data.id_texts
-    seqs = data.sequences_pandas(columns=["user", "index", "n_train"])
+    inference = inference or {}
+    rated = inference.get("rating") == "dense" and "rating" in data.families and "rating" in temps
+    seqs = data.sequences_pandas(columns=["user", "index", "n_train", "items", "ratings"])
     off = SPLIT_CODE[cfg.split] - 1
     seqs = seqs[seqs["index"].map(len) > seqs["n_train"] + off].reset_index(drop=True)
     seqs = seqs[seqs["n_train"] + off >= 1]
     if cfg.max_users:
         seqs = seqs.head(cfg.max_users)
-    inference = inference or {}
     dense = inference.get("sequential") == "dense"
     H = int(inference.get("history", pcfg.prompts.max_history))
     seq_t = {"seen": sequential_template(temps, dense), "held-out": sequential_template(temps, dense, held_out=True)}
     direct_t = next(t for t in temps.get("direct", []) if not t.held_out and "candidates" in t.fields)
     direct_by_seq = inference.get("direct") == "sequential"
-    rows = []
-    for user, index, n_train in seqs.itertuples(index=False):
+    rating_t = rating_template(temps, dense=True) if rated else None
+    lo, hi = pcfg.rating_min, pcfg.rating_max
+    rows, rating_rows = [], []
+    for user, index, n_train, keys, ratings in seqs.itertuples(index=False):
         index = [int(i) for i in index]
         t = int(n_train) + off
+        if rating_t is not None and pd.notna(ratings[t]):  # dense rating: the pairs before, then the item
+            known = [k for k in range(t) if pd.notna(ratings[k])]
+            src, prefix = rating_input(rating_t, [ids[index[k]] for k in known], [ratings[k] for k in known],
+                                       ids[index[t]], int(inference.get("rating_history", 24)) + 1, lo, hi)
+            rating_rows.append({"task": "rating", "user": user, "source": src, "prefix": prefix, "truth": -1,
+                                "history": [], "exclude": [], "candidates": [], "item": keys[t],
+                                "target": format_rating(min(max(float(ratings[t]), lo), hi))})
         hist = index[:t]
         excl = hist if cfg.exclude_seen else []
         for kind, temp in seq_t.items():
@@ -103,7 +114,13 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
             prefix = None
         rows.append({"task": "direct", "user": user, "source": src, "prefix": prefix or [], "truth": index[t],
                      "history": hist, "exclude": [], "candidates": cands, "target": ids[index[t]]})
-    fams = [f for f in ("rating", "explanation", "review") if f in data.families and f in temps]
+    if rating_rows:
+        part = pd.DataFrame(rating_rows)
+        if cfg.text_examples and len(part) > cfg.text_examples:
+            part = part.sample(n=cfg.text_examples, random_state=cfg.seed)
+        rows += part.to_dict("records")
+    fams = [f for f in ("rating", "explanation", "review") if f in data.families and f in temps
+            and not (f == "rating" and rated)]
     if fams:
         ex = example_dataset(data_dir, pcfg, split=cfg.split, families=fams, held_out=False,
                              log=lambda *a: None).to_pandas()
@@ -137,7 +154,7 @@ class BundlePredictor:
         self.ids = list(self.b.catalog["id_text"])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from .generate import generate_text, predict_ratings, score_candidates
+        from .generate import generate_text, predict_ratings, predict_ratings_dense, score_candidates
 
         tok, model = self.b.tokenizer, self.b.model
         out = pd.DataFrame({"task": batch["task"], "user": batch["user"], "truth": batch["truth"],
@@ -173,8 +190,14 @@ class BundlePredictor:
                                           [[self.ids[i] for i in c] for c in sub["candidates"]])
             out.loc[direct, "rank"] = [rank_among_candidates(s, 0) for s in scores]
         m = (batch["task"] == "rating").to_numpy()
-        if m.any():  # the expected rating over the scale's rating texts (as serving answers)
-            out.loc[m, "text"] = predict_ratings(model, tok, list(batch.loc[m, "source"]), *self.scale)
+        if m.any():  # the expected rating over the scale's rating texts or tokens (as serving answers)
+            rated = m & np.array([len(p) > 0 for p in prefix])
+            if rated.any():
+                out.loc[rated, "text"] = predict_ratings_dense(model, tok, list(batch.loc[rated, "source"]),
+                                                               [prefix[r] for r in np.flatnonzero(rated)], *self.scale)
+            if (m & ~rated).any():
+                out.loc[m & ~rated, "text"] = predict_ratings(model, tok, list(batch.loc[m & ~rated, "source"]),
+                                                              *self.scale)
         for fam, new_tokens, beams in (("explanation", 32, 4), ("review", 32, 4)):
             m = (batch["task"] == fam).to_numpy()
             if m.any():

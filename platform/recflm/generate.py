@@ -342,8 +342,28 @@ def score_candidates(model, tokenizer, sources: list[str], candidates: list[list
 
 def rating_values(lo: float, hi: float) -> list[str]:
     """Every rating text the data stage renders on the scale [lo, hi] (one decimal, see prompts.format_rating)."""
-    n = int(round((hi - lo) * 10))
-    return [f"{lo + i / 10:.1f}" for i in range(n + 1)]
+    from .prompts import format_rating, rating_grid
+
+    return [format_rating(v) for v in rating_grid(lo, hi)]
+
+
+@torch.no_grad()
+def predict_ratings_dense(model, tokenizer, sources: list[str], prefixes: list[list[str]], lo: float, hi: float,
+                          max_source_len: int = 256) -> list[str]:
+    """Dense rating style: the expected rating over the scale's rating tokens after each decoder prefix
+    (the history's (item, rating) pairs, then the item asked about; ``prompts.rating_input``), as text."""
+    from .prompts import rating_grid, rating_tokens
+
+    if not sources:
+        return []
+    enc = tokenizer.encode_batch(sources, max_source_len)
+    dev = next(model.parameters()).device
+    enc = {k: v.to(dev) for k, v in enc.items()}
+    logp = model.next_token_logprobs(enc["input_ids"], enc["attention_mask"],
+                                     [tokenizer.item_token_ids(p) for p in prefixes], enc.get("whole_word_ids"))
+    sel = torch.as_tensor(tokenizer.item_token_ids(rating_tokens(lo, hi)), device=logp.device)
+    p = torch.softmax(logp[:, sel], -1).cpu().double().numpy()
+    return [f"{float(v):.2f}" for v in p @ np.array(rating_grid(lo, hi))]
 
 
 @torch.no_grad()

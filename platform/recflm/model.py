@@ -56,7 +56,7 @@ class RecT5(T5ForConditionalGeneration):
                 inputs_embeds=None, token_losses=False, **kwargs):
         if token_losses:
             return self.token_losses(input_ids, attention_mask, kwargs["labels"], whole_word_ids,
-                                     kwargs.get("label_smoothing", 0.0))
+                                     kwargs.get("label_smoothing", 0.0), kwargs.get("decoder_input_ids"))
         if encoder_outputs is None and inputs_embeds is None and input_ids is not None:
             inputs_embeds, input_ids = self._embed(input_ids, whole_word_ids), None
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, encoder_outputs=encoder_outputs,
@@ -75,15 +75,18 @@ class RecT5(T5ForConditionalGeneration):
         ww = None if whole_word_ids is None else whole_word_ids[first]
         return self.encode(input_ids[first], attention_mask[first], ww).last_hidden_state[inv]
 
-    def token_losses(self, input_ids, attention_mask, labels, whole_word_ids=None, label_smoothing: float = 0.0):
+    def token_losses(self, input_ids, attention_mask, labels, whole_word_ids=None, label_smoothing: float = 0.0,
+                     decoder_input_ids=None):
         """Cross-entropy of every supervised target token (``labels != -100``), computing output logits
         only there: a dense sequence target (one next-item label per position of a user's history) costs
         one decoder pass, and padded positions cost no catalog-wide logits. Returns (losses (N,), row (N,)).
+        ``decoder_input_ids``: what the decoder reads, when it is not the labels shifted right (a dense
+        rating row reads its items but is supervised at its ratings only).
         DDP wraps ``forward``, so ``forward(..., token_losses=True)`` routes here."""
         import torch.nn.functional as F
 
         enc = self._encode_unique(input_ids, attention_mask, whole_word_ids)
-        dec_in = self._shift_right(labels)
+        dec_in = self._shift_right(labels) if decoder_input_ids is None else decoder_input_ids
         dec = self.decoder(input_ids=dec_in, encoder_hidden_states=enc,
                            encoder_attention_mask=attention_mask, return_dict=True, use_cache=False)
         h = dec.last_hidden_state

@@ -101,3 +101,50 @@ def sequential_input(template: Template, user: str, history: list[str], max_hist
 
 def format_rating(r: float) -> str:
     return f"{r:.1f}"
+
+
+# the dense rating style (prompts.rating_style: dense): the target is a window of the user's (item, rating)
+# pairs, one token each ("i1 <rating_4.0> i2 <rating_3.1> ..."), every rating a target predicted from the
+# items and ratings before it and the item it rates; at inference the pairs before the asked item, then the
+# item, are the decoder prefix and the expected value over the rating tokens is the answer
+RATED_FIELD = "rated_sequence"
+
+
+def is_dense_rating(t: Template) -> bool:
+    return RATED_FIELD in t.fields
+
+
+def rating_grid(lo: float, hi: float) -> list[float]:
+    """The rating values a model writes on the scale [lo, hi]: steps of 0.1 (``format_rating``)."""
+    return [round(lo + i / 10, 1) for i in range(int(round((hi - lo) * 10)) + 1)]
+
+
+def rating_token(value: float, lo: float, hi: float) -> str:
+    """The one token of a rating in the dense style: the value clipped to the scale, to one decimal."""
+    return f"<rating_{min(max(round(float(value), 1), lo), hi):.1f}>"
+
+
+def rating_tokens(lo: float, hi: float) -> list[str]:
+    return [rating_token(v, lo, hi) for v in rating_grid(lo, hi)]
+
+
+def rated_sequence(items: list[str], ratings: list[float], lo: float, hi: float) -> str:
+    """(item, rating) pairs as the dense rating style's target text."""
+    return " ".join(f"{i} {rating_token(r, lo, hi)}" for i, r in zip(items, ratings))
+
+
+def rating_template(templates: dict, dense: bool, held_out: bool = False) -> Template | None:
+    """The first rating template of the given style with the fields serving and evaluation fill."""
+    fields = {RATED_FIELD} if dense else {"user", "item", "item_desc", "rating"}
+    return next((t for t in templates["rating"] if t.held_out == held_out and t.fields <= fields
+                 and is_dense_rating(t) == dense), None)
+
+
+def rating_input(template: Template, items: list[str], ratings: list[float], item: str, max_pairs: int,
+                 lo: float, hi: float) -> tuple[str, list[str]]:
+    """The one way evaluation and serving render a dense rating request: (encoder source, decoder prefix:
+    the last ``max_pairs - 1`` (item, rating token) pairs of the history, then the item asked about)."""
+    keep = max(0, max_pairs - 1)
+    items, ratings = (list(items)[-keep:], list(ratings)[-keep:]) if keep else ([], [])
+    prefix = [t for i, r in zip(items, ratings) for t in (i, rating_token(r, lo, hi))]
+    return template.source, prefix + [item]

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .prompts import sequential_input
+from .prompts import rating_input, sequential_input
 
 if TYPE_CHECKING:
     from .serve import ServeConfig
@@ -72,10 +72,8 @@ class ModelState:
 
     def __init__(self, bundle: str, data: str = "", dtype: str = "float32"):
         from .bundle import load_bundle
-        from .config import PrepareConfig, PromptConfig
-        from .dataset import SEQUENCES, PreparedData
         from .generate import CatalogTrie, ConstrainedBeamSearch
-        from .prompts import load_templates, sequential_template
+        from .prompts import load_templates, rating_template, sequential_template
 
         t0 = time.perf_counter()
         self.bundle = load_bundle(bundle)
@@ -111,33 +109,55 @@ class ModelState:
         self.dense = self.inference.get("sequential") == "dense"
         self.t_seq = sequential_template(temps, self.dense) if self.dense else first_seen("sequential",
                                                                                           {"user", "history"})
-        self.t_rating = first_seen("rating", {"user", "item", "item_desc"})
+        # dense rating bundles read the user's (item, rating) pairs, then the item, as the decoder prefix
+        self.dense_rating = self.inference.get("rating") == "dense"
+        self.t_rating = rating_template(temps, True) if self.dense_rating else first_seen(
+            "rating", {"user", "item", "item_desc"})
+        self.rating_history = int(self.inference.get("rating_history", 0))
         self.t_explain = first_seen("explanation", {"user", "item", "item_desc"})
-        # known users' training histories and the prompt settings from the dataset, when it is there
         self.data_dir = data or b.manifest.get("data", {}).get("path") or ""
-        self.histories: dict[str, list[int]] = {}
-        self.max_prompt_history = PromptConfig().max_history
-        self.scale = (PrepareConfig().rating_min, PrepareConfig().rating_max)
-        if self.data_dir and (Path(self.data_dir) / SEQUENCES).exists():
-            from .bundle import check_catalog
-
-            data = PreparedData.open(self.data_dir)
-            check_catalog(cat, self.data_dir)  # another dataset's item indices would name other items
-            pc = data.manifest.get("config", {})
-            self.max_prompt_history = int(pc.get("prompts", {}).get("max_history", self.max_prompt_history))
-            self.scale = (float(pc.get("rating_min", self.scale[0])), float(pc.get("rating_max", self.scale[1])))
-            s = data.sequences_pandas(columns=["user", "index", "n_train"])
-            self.histories = {str(u): [int(i) for i in ix[:int(n)]] for u, ix, n in
-                              zip(s["user"], s["index"], s["n_train"])}
-            self.histories_from = str(data.path / SEQUENCES)
-        else:
-            self.histories_from = None
-            log_now(logging.WARNING, f"recflm serve: no dataset at {self.data_dir!r}: known-user requests are off, "
-                           "requests must carry a history")
+        self._read_dataset()
         if "history" in self.inference:  # the bundle says how many history items its input holds
             self.max_prompt_history = int(self.inference["history"])
         self._entries = [self._entry(i) for i in range(len(cat))]
         self.load_s = round(time.perf_counter() - t0, 2)
+
+    def _read_dataset(self) -> None:
+        """Known users' training histories (and their ratings) and the prompt settings from the dataset, when
+        it is there."""
+        from .bundle import check_catalog
+        from .config import PrepareConfig, PromptConfig
+        from .dataset import SEQUENCES, PreparedData
+
+        self.histories: dict[str, list[int]] = {}
+        self.ratings: dict[str, list[float]] = {}
+        self.max_prompt_history = PromptConfig().max_history
+        self.scale = (PrepareConfig().rating_min, PrepareConfig().rating_max)
+        if not (self.data_dir and (Path(self.data_dir) / SEQUENCES).exists()):
+            self.histories_from = None
+            log_now(logging.WARNING, f"recflm serve: no dataset at {self.data_dir!r}: known-user requests are off, "
+                           "requests must carry a history")
+            return
+        data = PreparedData.open(self.data_dir)
+        check_catalog(self.catalog, self.data_dir)  # another dataset's item indices would name other items
+        pc = data.manifest.get("config", {})
+        self.max_prompt_history = int(pc.get("prompts", {}).get("max_history", self.max_prompt_history))
+        self.scale = (float(pc.get("rating_min", self.scale[0])), float(pc.get("rating_max", self.scale[1])))
+        s = data.sequences_pandas(columns=["user", "index", "n_train"] + (["ratings"] if self.dense_rating else []))
+        self.histories = {str(u): [int(i) for i in ix[:int(n)]] for u, ix, n in
+                          zip(s["user"], s["index"], s["n_train"])}
+        if self.dense_rating:
+            self.ratings = {str(u): [float(r) for r in rs[:int(n)]] for u, rs, n in
+                            zip(s["user"], s["ratings"], s["n_train"])}
+        self.histories_from = str(data.path / SEQUENCES)
+
+    def rating_prompt(self, user: str, item: int) -> tuple[str, list | None]:
+        """A dense rating bundle's input for (user, catalog index): the source and the decoder prefix of the
+        user's rated training items (none for an unknown user), then the item."""
+        hist, rates = self.histories.get(user, []), self.ratings.get(user, [])
+        known = [k for k, r in enumerate(rates) if r == r]
+        return rating_input(self.t_rating, [self.ids[hist[k]] for k in known], [rates[k] for k in known],
+                            self.ids[item], self.rating_history + 1, *self.scale)
 
     @property
     def tags(self) -> dict:
@@ -245,10 +265,16 @@ class Recommender:
         from .generate import parse_rating
 
         st = self.state
-        prompt, bad = self._pair_prompt(st, req, st.t_rating)
-        if bad:
-            return bad
-        text = await self._rate((st, prompt))
+        if st.dense_rating:
+            bad = self._unknown_items(st, [req["item"]], "item")
+            if bad:
+                return bad
+            prompt, prefix = st.rating_prompt(req["user"], st.index[req["item"]])
+        else:
+            (prompt, bad), prefix = self._pair_prompt(st, req, st.t_rating), None
+            if bad:
+                return bad
+        text = await self._rate((st, prompt, prefix))
         value = parse_rating(text, *st.scale)
         out = {"user": req["user"], "item": req["item"], "known_user": req["user"] in st.histories,
                "rating": value, "text": text, "scale": list(st.scale), "model_version": st.version}
@@ -313,19 +339,18 @@ class Recommender:
         return out
 
     def _texts(self, jobs: list[tuple], answer) -> list[str]:
-        """``answer(state, prompts)`` for each bundle's group of jobs, in the jobs' order."""
+        """``answer(state, jobs of the state)`` for each bundle's group of jobs, in the jobs' order."""
         out: list = [None] * len(jobs)
         for group in self._groups(jobs):
-            st = jobs[group[0]][0]
-            for j, t in zip(group, answer(st, [jobs[j][1] for j in group])):
+            for j, t in zip(group, answer(jobs[group[0]][0], [jobs[j] for j in group])):
                 out[j] = t
         return out
 
     def _generate(self, jobs: list[tuple], tokens: int, beams: int) -> list[str]:
         from .generate import generate_text
 
-        return self._texts(jobs, lambda st, prompts: generate_text(st.bundle.model, st.bundle.tokenizer, prompts,
-                                                                   tokens, beams, st.max_source_len))
+        return self._texts(jobs, lambda st, js: generate_text(st.bundle.model, st.bundle.tokenizer, [j[1] for j in js],
+                                                              tokens, beams, st.max_source_len))
 
     async def _rate_batch(self, jobs: list[tuple]) -> list[str]:
         import asyncio
@@ -334,11 +359,17 @@ class Recommender:
         return await asyncio.to_thread(self._expected_ratings, jobs)
 
     def _expected_ratings(self, jobs: list[tuple]) -> list[str]:
-        """The expected rating over the scale's rating texts, as ``recflm evaluate`` scores it."""
-        from .generate import predict_ratings
+        """The expected rating over the scale's rating texts (or, dense rating bundles, rating tokens after
+        the prefix), as ``recflm evaluate`` scores it."""
+        from .generate import predict_ratings, predict_ratings_dense
 
-        return self._texts(jobs, lambda st, prompts: predict_ratings(st.bundle.model, st.bundle.tokenizer, prompts,
-                                                                     *st.scale, st.max_source_len))
+        def answer(st, js):
+            m, tok, prompts = st.bundle.model, st.bundle.tokenizer, [j[1] for j in js]
+            if st.dense_rating:
+                return predict_ratings_dense(m, tok, prompts, [j[2] for j in js], *st.scale, st.max_source_len)
+            return predict_ratings(m, tok, prompts, *st.scale, st.max_source_len)
+
+        return self._texts(jobs, answer)
 
     async def _explain_batch(self, jobs: list[tuple]) -> list[str]:
         import asyncio

@@ -126,21 +126,43 @@ def mixing_weights(counts: dict, cfg: "TrainConfig") -> dict:
 
 def _batch_tensors(tok, batch, cfg: dict, device):
     """Encoder inputs, decoder labels and which rows are dense sequences (their labels: one item token
-    per position, no ``</s>``: every position is a next-item target)."""
+    per position, no ``</s>``: every position is a next-item target). Dense rating rows ((item, rating)
+    pairs, one token each) are read by the decoder whole but supervised at their rating tokens only: their
+    item positions are -100 in the labels, and ``enc["decoder_input_ids"]`` carries the unmasked tokens."""
+    import torch
+
     from .tokenizer import pad_labels
 
     enc = tok.encode_batch(list(batch["source"]), cfg["max_source_len"])
-    dense = np.array(batch["template"].isin(cfg["dense_templates"]).to_numpy(), dtype=bool)
+    seq = batch["template"].isin(cfg["dense_templates"]).to_numpy()
+    rated = batch["template"].isin(cfg.get("dense_rating_templates", [])).to_numpy()
+    dense = np.array(seq | rated, dtype=bool)
     if dense.any():
         plain = [t for t, d in zip(batch["target"], dense) if not d]
         plain_ids = iter(tok.target_ids(plain, cfg["max_target_len"]))
-        rows = [tok.item_token_ids(t.split(" "))[-cfg["dense_max_len"]:] if d else next(plain_ids)
-                for t, d in zip(batch["target"], dense)]
+        pairs = 2 * max(1, int(cfg.get("rating_window", 1)))  # tokens of a rating window, whole pairs kept
+        rows = [tok.item_token_ids(t.split(" "))[-cfg["dense_max_len"]:] if q else
+                tok.item_token_ids(t.split(" "))[-pairs:] if r else next(plain_ids)
+                for t, q, r in zip(batch["target"], seq, rated)]
         labels = pad_labels(rows)
+        if rated.any():
+            enc["decoder_input_ids"] = _shift_right(labels, tok.pad_id)
+            item_pos = torch.zeros_like(labels, dtype=torch.bool)
+            item_pos[torch.as_tensor(np.array(rated, dtype=bool)), 0::2] = True  # pairs: the item, then its rating
+            labels = labels.masked_fill(item_pos, -100)
     else:
         labels = tok.encode_targets(list(batch["target"]), cfg["max_target_len"])
     enc = {k: v.to(device) for k, v in enc.items()}
     return enc, labels.to(device), dense
+
+
+def _shift_right(labels, start_id: int):
+    """T5's decoder inputs for ``labels``: the start token, then the labels but the last (-100 as padding)."""
+    import torch
+
+    out = torch.full_like(labels, start_id)
+    out[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, start_id)
+    return out
 
 
 def _example_losses(model, enc, labels, dense=None, label_smoothing: float = 0.0, dense_last: bool = False):
@@ -401,8 +423,9 @@ def train_loop(config: dict) -> None:
             window["samples"] += len(batch)
             window["tokens"] += int(enc["attention_mask"].sum()) + int((labels != -100).sum())
             # next-item predictions that receive a loss: every position of a dense row, one per prompt
-            window["targets"] += int((labels[torch.as_tensor(dense)] != -100).sum()) + int(
-                ((batch["family"] == "sequential").to_numpy() & ~dense).sum())
+            sequential = (batch["family"] == "sequential").to_numpy()
+            window["targets"] += int((labels[torch.as_tensor(dense & sequential)] != -100).sum()) + int(
+                (sequential & ~dense).sum())
             micro += 1
             if micro % accum:
                 continue
@@ -478,11 +501,17 @@ def train_loop(config: dict) -> None:
 def inference_settings(pcfg: PrepareConfig) -> dict:
     """How evaluation and serving ask the trained model for next items (the bundle manifest's
     ``inference``): the sequential style and how many history items the prompt or prefix holds."""
+    from .augment import dense_rating
+
     dense = pcfg.prompts.sequential_style != "prompt"
+    rated = dense_rating(pcfg.prompts)
     return {"sequential": "dense" if dense else "prompt",
             "history": pcfg.prompts.dense_max_len - 1 if dense else pcfg.prompts.max_history,
             # dense bundles rank a fixed candidate list by the same next-item scores
-            "direct": "sequential" if dense else "prompt"}
+            "direct": "sequential" if dense else "prompt",
+            # dense rating: the (item, rating) pairs of the history in the decoder prefix, then the item
+            "rating": "dense" if rated else "prompt",
+            **({"rating_history": pcfg.prompts.rating_window - 1} if rated else {})}
 
 
 def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int) -> list[dict]:
@@ -620,7 +649,8 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
             saved = store.read(fname)
             if saved is not None:
                 (run_dir / fname).write_bytes(saved)
-    from .augment import SEQUENTIAL_STYLES
+    from .augment import SEQUENTIAL_STYLES, dense_rating
+    from .prompts import rating_tokens
 
     cfg.prompts = inherited_prompts(cfg)  # recorded in config.json and the manifest: a fine-tune of it inherits them
     _check_resumable(run_dir / "config.json", cfg)
@@ -630,6 +660,12 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         raise ConfigError(f"prompts.sequential_style={style!r}: expected one of {', '.join(SEQUENTIAL_STYLES)}")
     if style != "prompt" and cfg.item_token_mode != "token" and not cfg.init_bundle:
         raise ConfigError(f"prompts.sequential_style={style!r} needs one token per item: set item_token_mode=token")
+    try:
+        rated = "rating" in cfg.families and dense_rating(pcfg.prompts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if rated and cfg.item_token_mode != "token" and not cfg.init_bundle:
+        raise ConfigError("prompts.rating_style='dense' needs one token per item: set item_token_mode=token")
     tok_path = run_dir / "tokenizer.json"
     if cfg.init_bundle:
         load_bundle(cfg.init_bundle).tokenizer.save(tok_path)
@@ -638,18 +674,23 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
                                 log=lambda *a: None).limit(30_000).to_pandas()
         corpus = list(texts["source"]) + list(texts["target"]) + data.id_texts
         items = data.id_texts if cfg.item_token_mode == "token" else None
+        if rated:  # one token per rating value of the scale, beside the item tokens
+            items = (items or []) + rating_tokens(pcfg.rating_min, pcfg.rating_max)
         train_tokenizer(corpus, cfg.vocab_size, item_tokens=items).save(tok_path)
         log(f"pretrain: tokenizer trained on {len(corpus)} texts -> {tok_path}")
     if store:  # where a resume (on any machine) finds it, beside the checkpoints
         store.write("tokenizer.json", tok_path.read_bytes())
 
-    if style != "prompt":
+    if style != "prompt" or rated:
         from .tokenizer import RecTokenizer
 
+        what = f"prompts.sequential_style={style!r}" if style != "prompt" else "prompts.rating_style='dense'"
         try:  # every catalog ID must be one token (not so for collaborative IDs or a sub-word bundle)
             RecTokenizer.load(tok_path).item_token_ids(data.id_texts)
+            if rated:
+                RecTokenizer.load(tok_path).item_token_ids(rating_tokens(pcfg.rating_min, pcfg.rating_max))
         except ValueError as e:
-            raise ConfigError(f"prompts.sequential_style={style!r}: {e}") from None
+            raise ConfigError(f"{what}: {e}") from None
     # one lazy stream that every epoch iterates again: its tasks read the epoch from a clock actor the
     # loop sets, so each pass re-draws its examples (see augment.make_epoch_clock); blocks in random
     # order, and the loop's local shuffle buffer (seeded per epoch) mixes the task families of a batch
@@ -676,12 +717,15 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         store.write("config.json", (run_dir / "config.json").read_bytes())
     log(f"pretrain: run {name!r}: {per_epoch:.0f} examples/epoch, {total} steps, {cfg.workers} worker(s), "
         f"storage {storage}")
-    from .prompts import is_dense, load_templates
+    from .prompts import is_dense, is_dense_rating, load_templates
 
-    dense_ids = [t.id for t in load_templates(pcfg.prompts.templates_dir or None)["sequential"] if is_dense(t)]
+    temps = load_templates(pcfg.prompts.templates_dir or None)
+    dense_ids = [t.id for t in temps["sequential"] if is_dense(t)]
     # the tokenizer travels as text: workers on other nodes cannot read the driver's files
     loop_cfg = {**to_dict(cfg), "tokenizer": tok_path.read_text(), "total_steps": total, "run_dir": str(run_dir),
                 "dense_templates": dense_ids, "dense_max_len": pcfg.prompts.dense_max_len,
+                "dense_rating_templates": [t.id for t in temps["rating"] if is_dense_rating(t)],
+                "rating_window": pcfg.prompts.rating_window,
                 "epoch_clock": clock_name,
                 "val_rank": _val_ranking(data, pcfg, cfg.val_users, cfg.seed), "catalog_ids": data.id_texts,
                 "init_bundle": str(Path(cfg.init_bundle).resolve()) if cfg.init_bundle else ""}

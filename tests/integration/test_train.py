@@ -55,14 +55,17 @@ def test_two_worker_ddp_recovers_from_a_failure(bundled_dataset, tmp_path):
 
 
 def test_dense_recipe_trains_every_position_and_exports_the_best_epoch(bundled_dataset, tmp_path):
-    """The quality recipe's pieces on the bundled data: one token per item, dense sequential targets,
-    an epoch loop with validation NDCG@10 after each epoch, and the best epoch exported."""
+    """The quality recipe's pieces on the bundled data: one token per item, dense sequential and dense rating
+    targets, an epoch loop with validation NDCG@10 after each epoch, and the best epoch exported; evaluation
+    and serving read the bundle's dense rating input."""
     from recflm.evaluate import EvalConfig, run as evaluate
 
     data, _, _ = bundled_dataset
-    c = cfg(data, tmp_path, workers=0, name="dense", preset="tiny", item_token_mode="token", families=["sequential"],
-            prompts={"sequential_style": "dense", "dense_max_len": 100}, mix="natural", epochs=3, batch_size=64,
-            lr=3e-3, checkpoint_every=10, log_every=5, val_users=60, val_examples=32)
+    c = cfg(data, tmp_path, workers=0, name="dense", preset="tiny", item_token_mode="token",
+            families=["sequential", "rating"], family_weights={"rating": 0.1},
+            prompts={"sequential_style": "dense", "dense_max_len": 100, "rating_style": "dense", "rating_window": 25},
+            mix="natural", epochs=3, batch_size=64, lr=3e-3, checkpoint_every=10, log_every=5, val_users=60,
+            val_examples=32)
     out = run(c, log=lambda *a: None)
     h = history(c)
     steps = [m for m in h if "targets_per_s" in m]
@@ -81,13 +84,29 @@ def test_dense_recipe_trains_every_position_and_exports_the_best_epoch(bundled_d
                      key=lambda p: len(json.loads(p.read_text()))).parent
     best_w = load_file(str(final_ckpt / "best_model.safetensors"))["shared.weight"]
     assert torch.equal(b.model.shared.weight.detach(), best_w)
-    assert b.manifest["exported"] == "best" and b.manifest["inference"] == {"sequential": "dense", "history": 99,
-                                                                           "direct": "sequential"}
-    res = evaluate(EvalConfig(bundle=str(out), max_users=30, text_examples=0, out=str(tmp_path / "m.json")),
+    assert b.manifest["exported"] == "best" and b.manifest["inference"] == {
+        "sequential": "dense", "history": 99, "direct": "sequential", "rating": "dense", "rating_history": 24}
+    assert any(m.get("loss/rating", 0) > 0 for m in steps)  # the rating windows were trained
+    res = evaluate(EvalConfig(bundle=str(out), max_users=30, text_examples=20, out=str(tmp_path / "m.json")),
                    log=lambda *a: None)["results"]["recflm"]
     for task in ("sequential/seen", "sequential/held-out"):
         assert res[task]["n"] == 30 and res[task]["invalid"] == 0 and res[task]["short_lists"] == 0
     assert res["direct"]["n"] == 30 and 0 <= res["direct"]["NDCG@10"] <= 1
+    assert res["rating"]["n"] == 20 and res["rating"]["unparseable"] == 0 and 0 < res["rating"]["RMSE"] < 4
+    # serving asks the same way: a known user's rated training items, then the item, as the decoder prefix
+    from recflm.dataset import PreparedData
+    from recflm.generate import predict_ratings_dense
+    from recflm.serve_model import ModelState
+
+    st = ModelState(str(out))
+    seqs = PreparedData.open(data).sequences_pandas(columns=["user", "ids", "ratings", "n_train"])
+    user, ids, ratings, n = seqs.iloc[0]
+    src, prefix = st.rating_prompt(str(user), 5)
+    assert st.dense_rating and prefix[-1] == st.ids[5] and len(prefix) == 2 * min(24, int(n)) + 1
+    assert prefix[-3] == ids[int(n) - 1] and prefix[-2].startswith("<rating_")  # the last training pair
+    assert st.rating_prompt("nobody", 5)[1] == [st.ids[5]]
+    value = float(predict_ratings_dense(st.bundle.model, st.bundle.tokenizer, [src], [prefix], *st.scale)[0])
+    assert st.scale[0] <= value <= st.scale[1]
 
 
 def test_early_stopping_and_the_time_limit(bundled_dataset, tmp_path):
