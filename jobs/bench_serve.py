@@ -12,8 +12,9 @@ until the deployment reaches its maximum, then idle until it is back at its mini
 replica count over time.
 
 recflm runs as ``recflm serve`` does by default: Serve's HAProxy ingress and throughput-optimized
-data plane, hence the fused layout (each replica is the HTTP ingress and the model), one torch thread
-per replica (replicas, not threads, take the cores).
+data plane, the split layout (an ingress deployment in front of the model replicas; ``--layout fused``
+makes each replica the HTTP ingress and the model), one torch thread per replica (replicas, not threads,
+take the cores).
 
     python -m jobs.bench_serve --bundle runs/demo/bundle      # a trained bundle
     python -m jobs.bench_serve                                # an untrained mini model (built here)
@@ -198,9 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-threads", type=int, default=os.cpu_count() or 2,
                     help="torch threads of the naive server (default: one per core)")
     ap.add_argument("--max-replicas", type=int, default=2)
-    ap.add_argument("--layout", default="fused", choices=("auto", "fused", "split"), help="recflm's deployments: "
-                    "the ingress and the model in one (fused, default: the fastest on CPU) or two (split); auto: "
-                    "fused behind HAProxy with min_replicas >= 2, else split (this benchmark starts at 1 replica)")
+    ap.add_argument("--layout", default="auto", choices=("auto", "fused", "split"), help="recflm's deployments: "
+                    "the ingress and the model in one (fused: the fastest on a small CPU box) or two (split; auto, "
+                    "the default, is split)")
     ap.add_argument("--no-throughput-mode", action="store_true", help="Serve's default Python HTTP proxy and "
                     "data plane instead of its HAProxy ingress and throughput-optimized data plane")
     ap.add_argument("--dtype", default="float32", help="recflm's served weights: float32, bfloat16 or int8 "

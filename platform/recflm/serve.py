@@ -17,11 +17,12 @@ One Serve application, in one of two layouts (``ServeConfig.layout``):
 - ``split``: ``Api``, the ingress, in front of ``Recommender``, the model deployment; for model
   replicas on GPUs while the HTTP work scales on CPUs, or an ingress that retries while model
   replicas restart.
-- ``auto`` (default): fused where Serve's HAProxy ingress runs and there are at least two model
-  replicas (HAProxy replays a dead replica's requests on another: ``HAPROXY_RETRY_ENV``), split with
-  one replica (its ingress answers a JSON 503 with Retry-After while the model replica restarts) and
-  behind Serve's Python proxy (which held the requests of a killed fused replica until its request
-  timeout; the split layout's ingress retries them on another model replica).
+- ``auto`` (default): split. A model replica that dies loses no request: the ingress replays the call on
+  another model replica (every endpoint is read-only), and with one replica it answers a JSON 503 with
+  Retry-After while the replica restarts. Fused behind HAProxy, the requests in flight on a killed replica
+  lost their connection in some runs even with HAProxy's replays (``HAPROXY_RETRY_ENV``), and behind
+  Serve's Python proxy they were held until the request timeout; fused is for the last bit of throughput
+  where that is acceptable.
 
 The config is read and checked once (``load_serve_config``, ``check_config``) and never changed in place:
 ``run`` derives the deployed config with ``dataclasses.replace`` and the replicas get it typed. The model
@@ -89,8 +90,8 @@ class ServeConfig:
     # "fused": one deployment is both the FastAPI ingress and the model (each replica answers HTTP itself: no hop
     # between processes, the fastest on CPU); "split": an ingress deployment (Api) in front of the model deployment
     # (Recommender), for model replicas on GPUs while the HTTP work scales on CPUs, or an ingress that must stay up
-    # while model replicas restart. Both hold the model in a deployment named Recommender. "auto": fused where
-    # Serve's HAProxy ingress runs (it drops a dead replica's connections at once), split behind the Python proxy.
+    # while model replicas restart. Both hold the model in a deployment named Recommender. "auto": split (a lost
+    # model replica loses no request: the ingress replays its calls on another).
     layout: str = "auto"
     # Serve's HAProxy ingress and throughput-optimized data plane (RAY_SERVE_ENABLE_HA_PROXY=1,
     # RAY_SERVE_THROUGHPUT_OPTIMIZED=1) for a Ray this command starts; a running cluster takes them from its
@@ -178,16 +179,12 @@ def haproxy_ingress(ray_cluster: bool = False) -> bool:
     return bool(ray.get(ray.remote(num_cpus=0)(haproxy_ingress).remote(), timeout=120))
 
 
-def resolve_layout(cfg: "ServeConfig", haproxy: bool | None = None) -> str:
-    """``cfg.layout``, with "auto" made fused behind HAProxy (``haproxy``; None: this process's environment
-    says) when there are at least two model replicas, split otherwise. Fused behind HAProxy, a request of a
-    replica that dies is replayed on another one (``HAPROXY_RETRY_ENV``); with one replica there is no other,
-    and HAProxy's own answer while it restarts is a plain-text 500, so the split layout's ingress stays up
-    and answers a JSON 503 with Retry-After instead."""
-    if cfg.layout != "auto":
-        return cfg.layout
-    haproxy = haproxy_ingress() if haproxy is None else haproxy
-    return "fused" if haproxy and cfg.min_replicas >= 2 else "split"
+def resolve_layout(cfg: "ServeConfig") -> str:
+    """``cfg.layout``, with "auto" made split: the ingress replays the calls of a model replica that died on
+    another one (0 failed requests with two replicas, a JSON 503 with Retry-After with one). Fused, HAProxy's
+    replays (``HAPROXY_RETRY_ENV``) did not always reach the requests in flight on a killed replica, and with
+    one replica HAProxy's own answer while it restarts is a plain-text 500."""
+    return "split" if cfg.layout == "auto" else cfg.layout
 
 
 def set_throughput_env() -> None:
@@ -300,7 +297,7 @@ def run(cfg: ServeConfig, log=print) -> str:
         set_throughput_env()
     ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
     haproxy = haproxy_ingress(ray_cluster=True)
-    cfg = dataclasses.replace(cfg, layout=resolve_layout(cfg, haproxy))
+    cfg = dataclasses.replace(cfg, layout=resolve_layout(cfg))
     if cfg.port == 0:  # any free port
         cfg = dataclasses.replace(cfg, port=free_port(cfg.host if cfg.host not in ("0.0.0.0", "") else "127.0.0.1"))
     for attempt in (1, 2, 3):  # on an overloaded node Serve may replace a proxy that starts too slowly

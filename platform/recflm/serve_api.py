@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 API_VERSION = "v1"
 OPEN_PATHS = ("/v1/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")  # no token needed
+CALL_ATTEMPTS = 3  # a model call lost with its replica: sent again to another this many times in all
 RETRY_AFTER_S = 2  # the Retry-After of a 503: a lost replica's successor or a free slot is seconds away
 # pydantic error type -> the reason a 422 names
 VALIDATION_REASONS = {"missing": "missing_field", "extra_forbidden": "unknown_field", "greater_than_equal": "out_of_range",
@@ -69,18 +70,22 @@ class Api:
                            "to require a bearer token)")
 
     async def call(self, method: str, arg=None) -> dict:
-        """Call the model deployment; a replica lost mid-request is retried once on another."""
+        """Call the model deployment; a call whose replica died or is unreachable is replayed on another (every
+        model method is read-only), up to ``CALL_ATTEMPTS`` times, then answered with a JSON 503."""
+        import asyncio
+
         from ray import exceptions as rex
         from ray.serve.exceptions import BackPressureError
 
-        for attempt in (1, 2):
+        for attempt in range(1, CALL_ATTEMPTS + 1):
             try:
                 handle = getattr(self.model, method)
                 return await (handle.remote(arg) if arg is not None else handle.remote())
             except (rex.RayActorError, rex.ActorUnavailableError) as e:
-                if attempt == 2:
+                if attempt == CALL_ATTEMPTS:
                     return model_error(503, "unavailable", "", "model replica unavailable, retry later "
                                        f"({type(e).__name__})", retry_after=RETRY_AFTER_S)
+                await asyncio.sleep(0.05 * attempt)  # the router hears of the dead replica meanwhile
             except BackPressureError:
                 return model_error(503, "overloaded", "", "the model deployment is overloaded, retry later",
                                    retry_after=RETRY_AFTER_S)

@@ -37,14 +37,13 @@ def test_serve_yaml_is_a_valid_serve_config_and_drives_the_app():
         load_serve_config(str(path), ["nope=1"])
 
 
-def test_layout_auto_is_fused_behind_haproxy_with_two_replicas_or_more(monkeypatch):
-    two = ServeConfig(min_replicas=2)
-    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    assert resolve_layout(two) == "fused" and resolve_layout(ServeConfig(layout="split", min_replicas=2)) == "split"
-    # one replica: no other to replay a lost one's requests on; the split layout's ingress answers 503s
-    assert resolve_layout(ServeConfig(min_replicas=1)) == "split"
-    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
-    assert resolve_layout(two) == "split" and resolve_layout(ServeConfig(layout="fused")) == "fused"
+def test_layout_auto_is_split_whatever_the_ingress(monkeypatch):
+    """auto is split (the ingress replays a lost model replica's calls), behind HAProxy or not, with one or
+    more replicas; fused and split are taken as given."""
+    for haproxy in ("1", "0"):
+        monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", haproxy)
+        assert resolve_layout(ServeConfig(min_replicas=2)) == "split" == resolve_layout(ServeConfig(min_replicas=1))
+        assert resolve_layout(ServeConfig(layout="fused", min_replicas=2)) == "fused"
     with pytest.raises(ConfigError, match="layout='joint': expected one of auto, fused, split"):
         check_config(ServeConfig(layout="joint"))
 
