@@ -22,6 +22,8 @@ import re
 import numpy as np
 import torch
 
+from .prompts import RATING_TOKEN_PREFIX
+
 NEG = float("-inf")
 
 
@@ -299,12 +301,14 @@ def parse_rating(text: str, lo: float, hi: float) -> float | None:
 @torch.no_grad()
 def generate_text(model, tokenizer, sources: list[str], max_new_tokens: int = 32, beams: int = 1,
                   max_source_len: int = 256) -> list[str]:
-    """Free text (explanation, review summary, rating) with its own decoding settings."""
+    """Free text (explanation, review summary, rating) with its own decoding settings. The dense rating
+    style's rating tokens are never written: no text target holds them."""
     enc = tokenizer.encode_batch(sources, max_source_len)
     dev = next(model.parameters()).device
     enc = {n: v.to(dev) for n, v in enc.items()}
+    banned = [i for t, i in tokenizer.hf.get_vocab().items() if t.startswith(RATING_TOKEN_PREFIX)]
     out = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=beams, do_sample=False,
-                         no_repeat_ngram_size=3 if max_new_tokens > 8 else 0)
+                         no_repeat_ngram_size=3 if max_new_tokens > 8 else 0, suppress_tokens=banned or None)
     return [tokenizer.decode(row) for row in out.cpu()]
 
 

@@ -108,6 +108,7 @@ def format_rating(r: float) -> str:
 # items and ratings before it and the item it rates; at inference the pairs before the asked item, then the
 # item, are the decoder prefix and the expected value over the rating tokens is the answer
 RATED_FIELD = "rated_sequence"
+RATING_TOKEN_PREFIX = "<rating_"
 
 
 def is_dense_rating(t: Template) -> bool:
@@ -121,7 +122,7 @@ def rating_grid(lo: float, hi: float) -> list[float]:
 
 def rating_token(value: float, lo: float, hi: float) -> str:
     """The one token of a rating in the dense style: the value clipped to the scale, to one decimal."""
-    return f"<rating_{min(max(round(float(value), 1), lo), hi):.1f}>"
+    return f"{RATING_TOKEN_PREFIX}{min(max(round(float(value), 1), lo), hi):.1f}>"
 
 
 def rating_tokens(lo: float, hi: float) -> list[str]:

@@ -143,3 +143,18 @@ def test_a_trained_dense_rating_model_predicts_the_ratings_it_learnt(tok):
     got = [float(x) for x in predict_ratings_dense(model, tok, [s for s, _ in inputs], [p for _, p in inputs],
                                                    1.0, 5.0)]
     assert got[0] > 4.5 and got[1] < 1.5 and got[2] > 4.5 and got[3] < 1.5, got
+
+
+def test_free_text_never_writes_a_rating_token(tok):
+    """Explanations and summaries are words: a model that favours a rating token still writes none."""
+    from recflm.generate import generate_text
+
+    torch.manual_seed(0)
+    model = build_model("tiny", tok.vocab_size, tok.pad_id, tok.eos_id, dropout_rate=0.0).eval()
+    r = tok.item_token_ids(["<rating_4.0>"])[0]
+    with torch.no_grad():
+        model.lm_head.weight[r] = model.decoder.final_layer_norm.weight.sign() * 5.0  # the top logit everywhere
+    src = ["Rate each item of this user's history"]
+    favoured = model.generate(**tok.encode_batch(src), max_new_tokens=3, do_sample=False)[0].tolist()
+    assert r in favoured  # without the ban the model writes it
+    assert "<rating_" not in generate_text(model, tok, src, max_new_tokens=6)[0]
