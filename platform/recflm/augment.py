@@ -42,11 +42,18 @@ import pandas as pd
 
 from .config import AugmentConfig, PrepareConfig, PromptConfig
 from .dataset import INTERACTIONS, SEQUENCES, PreparedData
-from .prompts import DENSE_FIELD, FAMILIES, RATED_FIELD, format_rating, load_templates, rated_sequence, usable
+from .prompts import (DENSE_FIELD, FAMILIES, RATED_FIELD, format_rating, is_rated, load_templates, rated_positions,
+                      rated_sequence, usable)
 
 SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 SEQUENTIAL_STYLES = ("prompt", "dense", "both")
 RATING_STYLES = ("prompt", "dense")
+EVAL_CANDIDATES = 100
+EXAMPLE_COLUMNS = ["family", "template", "source", "target", "user", "item", "split", "epoch"]
+MASK = "<mask>"
+# the self-supervised objective on raw sequences: a masked span of items is the target
+SPAN = "span"
+SPAN_SOURCE = "Fill in the masked items in the sequence of user_{user}: {history}"
 
 
 def dense_rating(prompts: PromptConfig) -> bool:
@@ -54,12 +61,6 @@ def dense_rating(prompts: PromptConfig) -> bool:
     if prompts.rating_style not in RATING_STYLES:
         raise ValueError(f"prompts.rating_style={prompts.rating_style!r}: expected one of {', '.join(RATING_STYLES)}")
     return prompts.rating_style == "dense"
-EVAL_CANDIDATES = 100
-EXAMPLE_COLUMNS = ["family", "template", "source", "target", "user", "item", "split", "epoch"]
-MASK = "<mask>"
-# the self-supervised objective on raw sequences: a masked span of items is the target
-SPAN = "span"
-SPAN_SOURCE = "Fill in the masked items in the sequence of user_{user}: {history}"
 
 
 @lru_cache(maxsize=4)
@@ -226,7 +227,7 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
             if rated:
                 # dense rating: every window of rating_window rated training items (the latest first) is
                 # one example whose every rating is a target (items without a rating are left out)
-                pairs = [k for k in range(n_train) if _rated(ratings[k])]
+                pairs = rated_positions(ratings, n_train)
                 for end in range(len(pairs), 0, -W):
                     win = pairs[max(0, end - W):end]
                     ex = {"user": user, RATED_FIELD: rated_sequence([seq[k] for k in win], [ratings[k] for k in win],
@@ -277,8 +278,8 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
         if "sequential" in families and style != "dense":
             ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
             _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
-        if rated and _rated(ratings[t]):  # the split's rating, after the rated items before it
-            win = [k for k in range(t + 1) if _rated(ratings[k])][-W:]
+        if rated and is_rated(ratings[t]):  # the split's rating, after the rated items before it
+            win = rated_positions(ratings, t + 1)[-W:]
             ex = {"user": user, RATED_FIELD: rated_sequence([seq[k] for k in win], [ratings[k] for k in win], lo, hi)}
             _emit(rows, "rating", temps["rating"], ex, rng.random(), held_out, {**meta, "item": items[t]})
         if "direct" in families:
@@ -290,10 +291,6 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
             fam_temps = [x for x in temps["direct"] if "candidates" in x.fields]
             _emit(rows, "direct", fam_temps, ex, rng.random(), held_out, {**meta, "item": items[t]})
     return thin_families(pd.DataFrame(rows, columns=EXAMPLE_COLUMNS), keep, seed)
-
-
-def _rated(r) -> bool:
-    return r is not None and not pd.isna(r)
 
 
 def thin_families(batch: pd.DataFrame, keep: dict | None, seed: int) -> pd.DataFrame:

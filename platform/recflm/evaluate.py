@@ -59,8 +59,8 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
     the answer is checked against. ``inference``: the bundle manifest's settings (``train.inference_settings``)."""
     from .augment import EVAL_CANDIDATES, SPLIT_CODE, sample_negatives, example_rng, example_dataset
     from .dataset import PreparedData
-    from .prompts import format_rating, load_templates, rating_input, rating_template, sequential_input, \
-        sequential_template
+    from .prompts import (format_rating, is_rated, load_templates, rated_positions, rating_input, rating_template,
+                          sequential_input, sequential_template)
 
     data = PreparedData.open(data_dir)
     pcfg = from_dict(PrepareConfig, data.manifest["config"])
@@ -85,8 +85,8 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
     for user, index, n_train, keys, ratings in seqs.itertuples(index=False):
         index = [int(i) for i in index]
         t = int(n_train) + off
-        if rating_t is not None and pd.notna(ratings[t]):  # dense rating: the pairs before, then the item
-            known = [k for k in range(t) if pd.notna(ratings[k])]
+        if rating_t is not None and is_rated(ratings[t]):  # dense rating: the pairs before, then the item
+            known = rated_positions(ratings, t)
             src, prefix = rating_input(rating_t, [ids[index[k]] for k in known], [ratings[k] for k in known],
                                        ids[index[t]], int(inference.get("rating_history", 24)) + 1, lo, hi)
             rating_rows.append({"task": "rating", "user": user, "source": src, "prefix": prefix, "truth": -1,

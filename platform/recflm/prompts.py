@@ -129,6 +129,16 @@ def rating_tokens(lo: float, hi: float) -> list[str]:
     return [rating_token(v, lo, hi) for v in rating_grid(lo, hi)]
 
 
+def is_rated(r) -> bool:
+    """A rating that is a number (not missing: None or NaN)."""
+    return r is not None and r == r
+
+
+def rated_positions(ratings, end: int) -> list[int]:
+    """Positions before ``end`` whose rating is a number: an unrated item has no (item, rating) pair."""
+    return [k for k in range(end) if is_rated(ratings[k])]
+
+
 def rated_sequence(items: list[str], ratings: list[float], lo: float, hi: float) -> str:
     """(item, rating) pairs as the dense rating style's target text."""
     return " ".join(f"{i} {rating_token(r, lo, hi)}" for i, r in zip(items, ratings))

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .prompts import rating_input, sequential_input
+from .prompts import rated_positions, rating_input, sequential_input
 
 if TYPE_CHECKING:
     from .serve import ServeConfig
@@ -155,7 +155,7 @@ class ModelState:
         """A dense rating bundle's input for (user, catalog index): the source and the decoder prefix of the
         user's rated training items (none for an unknown user), then the item."""
         hist, rates = self.histories.get(user, []), self.ratings.get(user, [])
-        known = [k for k, r in enumerate(rates) if r == r]
+        known = rated_positions(rates, len(rates))
         return rating_input(self.t_rating, [self.ids[hist[k]] for k in known], [rates[k] for k in known],
                             self.ids[item], self.rating_history + 1, *self.scale)
 
