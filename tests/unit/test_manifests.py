@@ -1,11 +1,15 @@
 """The cluster files: ``cluster.yaml`` against the schema that ships inside Ray, the KubeRay manifests
-in ``k8s/`` (they parse, their Ray version is the one the project pins, the RayService's Serve config
-is jobs/serve.yaml's and validates with Ray Serve's own schema, every job entrypoint names a module
-and a config that exist and load), and the example cluster configs in ``jobs/configs/``.
+in ``k8s/`` (they parse, every document validates strictly against the schema of its type, their Ray
+version is the one the project pins, the RayService's Serve config is jobs/serve.yaml's and validates
+with Ray Serve's own schema, every job entrypoint names a module and a config that exist and load), and
+the example cluster configs in ``jobs/configs/``.
 
-No Kubernetes here: the checks are structural, and cross-check the files against each other.
+No Kubernetes here: the documents are checked against JSON schemas (kubernetes-validate's strict ones
+for the core kinds, the hand-written ones of tests/schemas/ for KubeRay's, the Prometheus Operator's
+and kustomize's), and the files are cross-checked against each other.
 """
 import copy
+import functools
 import json
 import re
 import shlex
@@ -297,6 +301,232 @@ def test_serve_schema_check_is_not_vacuous():
     bad["http_options"]["port"] = "eight thousand"
     with pytest.raises(ValidationError):
         ServeDeploySchema.model_validate(bad)
+
+
+# ----------------------------------------------------------------------------- k8s/ against the schemas of their types
+SCHEMAS = ROOT / "tests" / "schemas"
+K8S_VERSION = "1.33"  # of the core schemas: kubernetes-validate's strict ones (tests/schemas/README.md)
+# the types that are not Kubernetes' own: hand-written schemas, strict where the real CRDs are
+CUSTOM_SCHEMAS = {
+    ("ray.io/v1", "RayCluster"): "ray.io_v1_raycluster.json",
+    ("ray.io/v1", "RayJob"): "ray.io_v1_rayjob.json",
+    ("ray.io/v1", "RayService"): "ray.io_v1_rayservice.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_v1_podmonitor.json",
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"): "kustomize.config.k8s.io_v1beta1_kustomization.json",
+}
+CORE_DEFS = "https://kubernetes.io/api/_definitions.json"
+
+
+def _core_schema_dir() -> Path:
+    import kubernetes_validate
+
+    return Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{K8S_VERSION}.0-local-strict"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_schema(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def _registry():
+    """The core definitions and tests/schemas/, each under its $id: the $refs between them resolve here."""
+    from referencing import Registry, Resource
+
+    paths = [_core_schema_dir() / "_definitions.json", *sorted(SCHEMAS.glob("*.json"))]
+    resources = [Resource.from_contents(_load_schema(p)) for p in paths]
+    return Registry().with_resources((r.id(), r) for r in resources)
+
+
+def _core_schema_file(api_version: str, kind: str) -> Path | None:
+    """kubernetes-validate's strict schema of a Kubernetes kind (its file naming), None for other groups."""
+    group, _, version = api_version.rpartition("/")
+    if "." in group and not group.endswith(".k8s.io"):
+        return None
+    path = _core_schema_dir() / f"{kind.lower()}-{group.split('.')[0] + '-' if group else ''}{version}.json"
+    return path if path.is_file() else None
+
+
+def schema_for(doc: dict) -> dict:
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key in CUSTOM_SCHEMAS:
+        return _load_schema(SCHEMAS / CUSTOM_SCHEMAS[key])
+    path = _core_schema_file(*key) if all(isinstance(k, str) for k in key) else None
+    if path is None:
+        raise LookupError(f"no schema for kind {key[1]} of {key[0]}: write one in tests/schemas/ "
+                          f"(README.md there) and list it in CUSTOM_SCHEMAS")
+    return _load_schema(path)
+
+
+def schema_errors(doc: dict) -> list[str]:
+    """Every violation of the document's schema, as ``<JSON path>: <message>``."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema_for(doc), registry=_registry())
+    return sorted(f"{e.json_path}: {e.message[:300]}" for e in validator.iter_errors(doc))
+
+
+def _generated_configmaps() -> list[dict]:
+    """The ConfigMaps the kustomization's configMapGenerator makes (files only, as k8s/ uses it)."""
+    kust = k8s_docs()["kustomization.yaml"][0]
+    out = []
+    for g in kust.get("configMapGenerator", []):
+        assert set(g) <= {"name", "files", "options"}, g
+        data = {}
+        for f in g["files"]:
+            key, _, path = f.rpartition("=")
+            data[key or Path(path).name] = (K8S / path).read_text()
+        meta = {"name": g["name"], "namespace": kust["namespace"]}
+        meta.update({k: v for k, v in g.get("options", {}).items() if k in ("labels", "annotations")})
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    return out
+
+
+def test_k8s_manifests_validate_against_the_schemas_of_their_types():
+    """Every document in k8s/ (and each ConfigMap the kustomization generates) validates strictly:
+    an unknown field, a wrong type or a value outside an enum anywhere in it fails, and so does a kind
+    that has no schema, so a new manifest cannot slip past."""
+    docs = [(name, d) for name, ds in k8s_docs().items() for d in ds]
+    docs += [("kustomization.yaml (generated)", d) for d in _generated_configmaps()]
+    failures, kinds = [], set()
+    for name, doc in docs:
+        what = f"{name}: {doc.get('kind')} {doc.get('metadata', {}).get('name', '')}".rstrip()
+        try:
+            failures += [f"{what}: {e}" for e in schema_errors(doc)]
+        except LookupError as e:
+            failures.append(f"{what}: {e}")
+        kinds.add(doc.get("kind"))
+    assert not failures, "\n".join(failures)
+    assert {"Namespace", "PersistentVolumeClaim", "ConfigMap", "RayCluster", "RayJob", "RayService",
+            "PodMonitor", "Kustomization"} <= kinds
+
+
+def test_a_kind_without_a_schema_fails():
+    for api_version, kind in [("ray.io/v1", "RayCronJob"), ("example.com/v1", "Widget"), ("v1", "NoSuchKind")]:
+        with pytest.raises(LookupError, match=f"no schema for kind {kind}"):
+            schema_errors({"apiVersion": api_version, "kind": kind, "metadata": {"name": "x"}})
+    # the core kinds come straight from kubernetes-validate, whatever their group
+    assert schema_for({"apiVersion": "apps/v1", "kind": "Deployment"})["$id"].endswith("/deployment/apps/v1")
+    assert schema_for({"apiVersion": "v1", "kind": "ConfigMap"})["$id"].endswith("/configmap/v1")
+
+
+def test_schemas_are_well_formed_and_name_their_sources():
+    """Each hand-written schema is a valid 2020-12 schema, every $ref in it resolves (into the core
+    definitions of the pinned kubernetes-validate, or another schema here), and the README names it."""
+    import jsonschema
+    from importlib.metadata import version
+
+    pin = re.search(r'"kubernetes-validate==([0-9.]+)"', _pyproject())
+    assert pin, "pyproject.toml's test extra pins no kubernetes-validate"
+    assert version("kubernetes-validate") == pin.group(1), "the installed kubernetes-validate is not the pinned one"
+    assert _core_schema_dir().is_dir(), f"kubernetes-validate has no strict schemas for Kubernetes {K8S_VERSION}"
+    readme = (SCHEMAS / "README.md").read_text()
+    assert f"kubernetes-validate {pin.group(1)}" in readme and f"Kubernetes {K8S_VERSION}" in readme
+
+    def refs(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for v in node.values():
+                yield from refs(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from refs(v)
+
+    files = sorted(SCHEMAS.glob("*.json"))
+    assert {p.name for p in files} == set(CUSTOM_SCHEMAS.values())
+    for path in files:
+        schema = _load_schema(path)
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert schema["additionalProperties"] is False, path.name
+        assert path.name in readme, f"tests/schemas/README.md does not describe {path.name}"
+        resolver = _registry().resolver(base_uri=schema["$id"])
+        for ref in refs(schema):
+            # the core types: kubernetes-validate's definitions, nothing fetched, nothing copied here
+            assert ref.startswith((CORE_DEFS + "#/$defs/", "#/$defs/", "ray.io_v1_raycluster.json#/$defs/")), ref
+            resolver.lookup(ref)  # raises if it does not resolve
+
+
+def test_ray_cluster_specs_share_one_schema():
+    """The RayJob's rayClusterSpec and the RayService's rayClusterConfig are the RayCluster's spec: one
+    schema, $ref'd, and a cluster spec embedded in a RayJob is checked as strictly as a RayCluster's."""
+    cluster_spec = "ray.io_v1_raycluster.json#/$defs/RayClusterSpec"
+    job = _load_schema(SCHEMAS / CUSTOM_SCHEMAS["ray.io/v1", "RayJob"])
+    service = _load_schema(SCHEMAS / CUSTOM_SCHEMAS["ray.io/v1", "RayService"])
+    assert job["$defs"]["RayJobSpec"]["properties"]["rayClusterSpec"] == {"$ref": cluster_spec}
+    assert service["$defs"]["RayServiceSpec"]["properties"]["rayClusterConfig"] == {"$ref": cluster_spec}
+    cluster = _load_schema(SCHEMAS / CUSTOM_SCHEMAS["ray.io/v1", "RayCluster"])
+    assert cluster["properties"]["spec"] == {"$ref": "#/$defs/RayClusterSpec"}
+    # a RayJob that brings its own cluster: the RayCluster's spec
+    (raycluster,) = by_kind("RayCluster")
+    job_doc = copy.deepcopy(by_kind("RayJob")[0])
+    del job_doc["spec"]["clusterSelector"]
+    job_doc["spec"]["rayClusterSpec"] = copy.deepcopy(raycluster["spec"])
+    assert schema_errors(job_doc) == []
+    job_doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["imagee"] = "x"
+    assert schema_errors(job_doc) == ["$.spec.rayClusterSpec.workerGroupSpecs[1].template.spec.containers[0]: "
+                                      "Additional properties are not allowed ('imagee' was unexpected)"]
+
+
+def _spec_typo(d):
+    d["spec"]["workerGroupSpec"] = d["spec"].pop("workerGroupSpecs")
+
+
+def _container_typo(d):
+    c = d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    c["imagee"] = c.pop("image")
+
+
+def _set(path, value):
+    def mutate(d):
+        *parents, last = path
+        for k in parents:
+            d = d[k]
+        d[last] = value
+    return mutate
+
+
+WORKER0 = ["spec", "workerGroupSpecs", 0]
+ENDPOINT0 = ["spec", "podMetricsEndpoints", 0]
+
+
+@pytest.mark.parametrize("kind, mutate, path, fragment", [
+    # the checks the schemas are for
+    ("RayCluster", _spec_typo, "$.spec", "('workerGroupSpec' was unexpected)"),
+    ("RayCluster", _container_typo, "$.spec.workerGroupSpecs[0].template.spec.containers[0]",
+     "('imagee' was unexpected)"),
+    ("RayCluster", _set(WORKER0 + ["replicas"], "1"), "$.spec.workerGroupSpecs[0].replicas",
+     "'1' is not of type 'integer'"),
+    ("PodMonitor", _set(ENDPOINT0 + ["relabelings", 0, "action"], "rename"),
+     "$.spec.podMetricsEndpoints[0].relabelings[0].action", "'rename' is not one of"),
+    ("RayService", _set(["spec", "rayClusterConfig", "enableInTreeAutoscalling"], True), "$.spec.rayClusterConfig",
+     "('enableInTreeAutoscalling' was unexpected)"),
+    # and a few more, one per schema
+    ("RayCluster", _set(["spec", "autoscalerOptions", "version"], "v3"), "$.spec.autoscalerOptions.version",
+     "'v3' is not one of ['v1', 'v2']"),
+    ("RayCluster", _set(["spec", "headGroupSpec", "template", "metadata", "lables"], {}),
+     "$.spec.headGroupSpec.template.metadata", "('lables' was unexpected)"),
+    ("RayCluster", _set(WORKER0 + ["rayStartParams", "num-cpus"], 4),
+     "$.spec.workerGroupSpecs[0].rayStartParams['num-cpus']", "4 is not of type 'string'"),
+    ("RayJob", _set(["spec", "submissionMode"], "K8sJob"), "$.spec.submissionMode", "'K8sJob' is not one of"),
+    ("RayJob", _set(["spec", "shutdownAfterJobFinish"], True), "$.spec", "('shutdownAfterJobFinish' was unexpected)"),
+    ("RayService", _set(["spec", "upgradeStrategy", "type"], "Incremental"), "$.spec.upgradeStrategy.type",
+     "'Incremental' is not one of ['NewCluster', 'None']"),
+    ("PodMonitor", _set(ENDPOINT0 + ["interval"], "30 seconds"), "$.spec.podMetricsEndpoints[0].interval",
+     "does not match"),
+    ("PodMonitor", _set(ENDPOINT0 + ["relabelings", 0, "target_label"], "x"),
+     "$.spec.podMetricsEndpoints[0].relabelings[0]", "('target_label' was unexpected)"),
+    ("PersistentVolumeClaim", _set(["spec", "storageClass"], "efs-sc"), "$.spec", "('storageClass' was unexpected)"),
+    ("Namespace", _set(["metadata", "label"], {}), "$.metadata", "('label' was unexpected)"),
+    ("Kustomization", _set(["resource"], []), "$", "('resource' was unexpected)"),
+])
+def test_schema_violations_are_rejected_naming_the_path(kind, mutate, path, fragment):
+    """The validation bites: one wrong field in a real manifest, and the error names where it is."""
+    doc = copy.deepcopy(by_kind(kind)[0])
+    assert schema_errors(doc) == []
+    mutate(doc)
+    errors = schema_errors(doc)
+    assert any(e.startswith(f"{path}: ") and fragment in e for e in errors), errors
 
 
 # ----------------------------------------------------------------------------- entrypoints and configs
