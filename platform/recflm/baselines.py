@@ -61,6 +61,7 @@ class Popularity:
 
 class TwoTower(nn.Module):
     name = "two-tower"
+    by_history = False  # the user tower is a per-user ID embedding: scores ignore the history they are given
 
     def __init__(self, n_items: int, dim: int = 64, temperature: float = 0.1):
         super().__init__()

@@ -1,16 +1,26 @@
 """``recflm evaluate``: honest numbers for a bundle, with baselines on the same split and protocol.
 
-Protocols (split ``test`` by default; leave-one-out, so each user has one held-out item):
+Protocols (split ``test`` by default; leave-one-out, so each user has one held-out item). Every family is
+asked with its first seen template and again, as ``<task>/held-out``, with a held-out (never trained)
+template: the zero-shot table puts the two side by side.
 
 - sequential, full ranking: the prompt holds the user's items before the held-out one (the last
   ``max_history``); constrained beam search (beam 20) returns the top 20 catalog items, the user's
-  earlier items excluded (for every method alike); HR@1/5/10/20, NDCG@5/10/20, with a seen
-  template and with a held-out (never trained) template;
+  earlier items excluded (for every method alike); HR@1/5/10/20 (= recall@k: one relevant item),
+  NDCG@5/10/20;
 - direct, 1-of-100: the held-out item and 99 fixed seeded negatives (the user never interacted
-  with them; the same draw as the data stage's direct prompts), ranked by sequence log-probability;
-  HR@1/5/10, NDCG@5/10;
-- rating: RMSE and MAE of the greedy-decoded number, unparseable outputs counted;
-- explanation / review: BLEU-4 and ROUGE-1/2/L of the decoded text, where the data has text.
+  with them; the same draw as the data stage's direct prompts), ranked by sequence log-probability
+  (dense bundles: by next-item score); HR@1/5/10, NDCG@5/10;
+- direct yes/no (``direct-yesno``): the yes/no prompts about the held-out item (yes) and one sampled
+  negative (no), for ``text_examples`` users; accuracy, precision, recall and F1 of the yes answers (a
+  model that answers yes or no: yes when its log-odds are above 0; a scorer, baselines and dense bundles:
+  yes above its median score);
+- rating: RMSE, MSE and MAE of the expected rating over the scale, unparseable outputs counted;
+- explanation / review: BLEU-4 and ROUGE-1/2/L of the decoded text, where the data has text; review
+  prompts whose answer is a rating (``review-rating``) are scored as ratings;
+- cold start: the sequential and direct rows sliced by the user's history length (< k) and by the held-out
+  item's training interactions (<= k), and ``sequential/last-k`` rows that give ``cold_users`` users' last k
+  items only (a user known by k items), for recflm and every baseline that answers from a history.
 
 Model inference runs as Ray Data batch inference: ``map_batches`` over the evaluation rows with an
 actor pool of model replicas (``replicas``), so it scales out like the rest of the platform.
@@ -20,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +51,9 @@ class EvalConfig:
     replicas: int = 1  # model replicas in the Ray Data actor pool
     cpus_per_replica: float = 1.0
     max_users: int = 0  # 0: every user with a held-out item
-    text_examples: int = 300  # rating / explanation / review examples evaluated (0: all)
+    text_examples: int = 300  # rating / explanation / review examples, and yes/no users, evaluated (0: all)
+    cold_users: int = 500  # users asked again with only their last k items (sequential/last-k; 0: all)
+    cold_ks: list = field(default_factory=lambda: [3, 5])  # the k of the cold-start slices and rows
     baselines: bool = False
     two_tower_epochs: int = 20  # training budget of the baselines (passes over the training interactions)
     sasrec_epochs: int = 200  # SASRec's most epochs; it stops early on validation NDCG@10 (the valid split)
@@ -53,11 +65,34 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------- evaluation rows
+ROW_COLUMNS = ["task", "user", "source", "prefix", "truth", "history", "exclude", "candidates", "target", "item"]
+HELD_OUT = "/held-out"  # the suffix of a task scored with a template never used in training (zero-shot)
+
+
+def _item_counts(data) -> np.ndarray:
+    """Training interactions per catalog item (the item side of the cold-start slices)."""
+    inter = data.interactions_pandas(columns=["item", "split"])
+    pos = pd.Index(data.catalog["item"]).get_indexer(inter.loc[inter["split"] == "train", "item"])
+    return np.bincount(pos[pos >= 0], minlength=len(data.catalog))
+
+
+def _sample(part: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """The same ``n`` examples whatever order they came in (seen and held-out variants share the draw)."""
+    part = part.sort_values(["user", "item"], kind="stable").reset_index(drop=True)
+    return part.sample(n=n, random_state=seed) if n and len(part) > n else part
+
+
 def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
                inference: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """One row per (task, user or example): the prompt (and, dense style, the decoder prefix) and what
-    the answer is checked against. ``inference``: the bundle manifest's settings (``train.inference_settings``)."""
+    the answer is checked against. ``inference``: the bundle manifest's settings (``train.inference_settings``).
+
+    Every family is asked with its first seen template and, as ``<task>/held-out``, with a held-out one
+    (zero-shot). ``sequential/last-K`` rows give only the user's last K items (a user with a short
+    history); ``direct-yesno`` rows ask the yes/no prompts about the held-out item (yes) and one sampled
+    negative (no); review prompts whose answer is a rating are the ``review-rating`` task."""
     from .augment import EVAL_CANDIDATES, SPLIT_CODE, sample_negatives, example_rng, example_dataset
+    from .config import PromptConfig
     from .dataset import PreparedData
     from .prompts import (format_rating, is_rated, load_templates, rated_positions, rating_input, rating_template,
                           sequential_input, sequential_template)
@@ -76,66 +111,118 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
         seqs = seqs.head(cfg.max_users)
     dense = inference.get("sequential") == "dense"
     H = int(inference.get("history", pcfg.prompts.max_history))
+    R = int(inference.get("rating_history", PromptConfig().rating_window - 1)) + 1
     seq_t = {"seen": sequential_template(temps, dense), "held-out": sequential_template(temps, dense, held_out=True)}
-    direct_t = next(t for t in temps.get("direct", []) if not t.held_out and "candidates" in t.fields)
     direct_by_seq = inference.get("direct") == "sequential"
-    rating_t = rating_template(temps, dense=True) if rated else None
+    pick = lambda held, need: next((t for t in temps.get("direct", []) if t.held_out == held  # noqa: E731
+                                    and need in t.fields and t.fields <= {"user", "history", "item", need}), None)
+    direct_t = {"": pick(False, "candidates"), HELD_OUT: pick(True, "candidates")}
+    yesno_t = {"": pick(False, "answer"), HELD_OUT: pick(True, "answer")}
+    rating_t = {"": rating_template(temps, dense=True), HELD_OUT: rating_template(temps, dense=True, held_out=True)} \
+        if rated else {}
     lo, hi = pcfg.rating_min, pcfg.rating_max
+    short_users = set(seqs["user"].sample(n=min(cfg.cold_users, len(seqs)), random_state=cfg.seed)
+                      if cfg.cold_users else seqs["user"])
+    yesno_users = set(seqs["user"].sample(n=min(cfg.text_examples, len(seqs)), random_state=cfg.seed)
+                      if cfg.text_examples else seqs["user"])
     rows, rating_rows = [], []
     for user, index, n_train, keys, ratings in seqs.itertuples(index=False):
         index = [int(i) for i in index]
         t = int(n_train) + off
-        if rating_t is not None and is_rated(ratings[t]):  # dense rating: the pairs before, then the item
-            known = rated_positions(ratings, t)
-            src, prefix = rating_input(rating_t, [ids[index[k]] for k in known], [ratings[k] for k in known],
-                                       ids[index[t]], int(inference.get("rating_history", 24)) + 1, lo, hi)
-            rating_rows.append({"task": "rating", "user": user, "source": src, "prefix": prefix, "truth": -1,
-                                "history": [], "exclude": [], "candidates": [], "item": keys[t],
-                                "target": format_rating(min(max(float(ratings[t]), lo), hi))})
         hist = index[:t]
         excl = hist if cfg.exclude_seen else []
+        common = {"user": user, "history": hist, "item": keys[t]}
+        if rated and is_rated(ratings[t]):  # dense rating: the pairs before, then the item
+            known = rated_positions(ratings, t)
+            for suffix, temp in rating_t.items():
+                if temp is None:
+                    continue
+                src, prefix = rating_input(temp, [ids[index[k]] for k in known], [ratings[k] for k in known],
+                                           ids[index[t]], R, lo, hi)
+                rating_rows.append({**common, "task": "rating" + suffix, "source": src, "prefix": prefix,
+                                    "truth": -1, "history": [], "exclude": [], "candidates": [],
+                                    "target": format_rating(min(max(float(ratings[t]), lo), hi))})
         for kind, temp in seq_t.items():
             if temp is None:
                 continue
             src, prefix = sequential_input(temp, user, [ids[i] for i in hist], H)
-            rows.append({"task": f"sequential/{kind}", "user": user, "source": src, "prefix": prefix or [],
-                         "truth": index[t], "history": hist, "exclude": excl, "candidates": [],
-                         "target": ids[index[t]]})
+            rows.append({**common, "task": f"sequential/{kind}", "source": src, "prefix": prefix or [],
+                         "truth": index[t], "exclude": excl, "candidates": [], "target": ids[index[t]]})
+        if user in short_users and seq_t["seen"] is not None:
+            for k in cfg.cold_ks:  # a user who has only the last k items (the earlier ones are unknown)
+                if len(hist) > k:
+                    src, prefix = sequential_input(seq_t["seen"], user, [ids[i] for i in hist[-k:]], H)
+                    rows.append({**common, "task": f"sequential/last-{k}", "source": src, "prefix": prefix or [],
+                                 "history": hist[-k:], "truth": index[t],
+                                 "exclude": hist[-k:] if cfg.exclude_seen else [], "candidates": [],
+                                 "target": ids[index[t]]})
         # the same fixed draw as the data stage: rng of (seed, epoch 0, split, user)
         urng = example_rng(pcfg.seed, 0, cfg.split, user)
         cands = [index[t]] + sample_negatives(urng, len(ids), set(index), EVAL_CANDIDATES - 1)
         shown = list(cands)
         urng.shuffle(shown)
-        if direct_by_seq:  # the candidates ranked by the model's next-item scores after the history
-            src, prefix = sequential_input(seq_t["seen"], user, [ids[i] for i in hist], H)
-        else:
-            src, _ = direct_t.render({"user": user, "history": ", ".join(ids[i] for i in hist[-5:]),
-                                      "item": ids[index[t]], "candidates": ", ".join(ids[i] for i in shown)})
-            prefix = None
-        rows.append({"task": "direct", "user": user, "source": src, "prefix": prefix or [], "truth": index[t],
-                     "history": hist, "exclude": [], "candidates": cands, "target": ids[index[t]]})
+        fields = {"user": user, "history": ", ".join(ids[i] for i in hist[-5:]), "item": ids[index[t]],
+                  "candidates": ", ".join(ids[i] for i in shown)}
+        for suffix in ("", HELD_OUT):
+            if direct_by_seq:  # the candidates ranked by the model's next-item scores after the history
+                temp = seq_t["seen" if not suffix else "held-out"]
+                src, prefix = sequential_input(temp, user, [ids[i] for i in hist], H) if temp else (None, None)
+            else:
+                temp = direct_t[suffix]
+                src, prefix = (temp.render(fields)[0], None) if temp else (None, None)
+            if src is not None:
+                rows.append({**common, "task": "direct" + suffix, "source": src, "prefix": prefix or [],
+                             "truth": index[t], "exclude": [], "candidates": cands, "target": ids[index[t]]})
+        if user in yesno_users:  # yes about the held-out item, no about one item the user never chose
+            neg = sample_negatives(example_rng(pcfg.seed, 0, cfg.split, user + "|yes-no"), len(ids), set(index), 1)
+            for item, answer in [(index[t], "yes")] + [(j, "no") for j in neg]:
+                for suffix in ("", HELD_OUT):
+                    if direct_by_seq:  # scored by the next-item score of the asked item
+                        temp = seq_t["seen" if not suffix else "held-out"]
+                        src, prefix = sequential_input(temp, user, [ids[i] for i in hist], H) if temp else (None, None)
+                    else:
+                        temp = yesno_t[suffix]
+                        src, prefix = (temp.render({**fields, "item": ids[item], "answer": answer})[0], None) \
+                            if temp else (None, None)
+                    if src is not None:
+                        rows.append({**common, "task": "direct-yesno" + suffix, "source": src, "prefix": prefix or [],
+                                     "truth": int(answer == "yes"), "exclude": [], "candidates": [item],
+                                     "target": answer})
     if rating_rows:
         part = pd.DataFrame(rating_rows)
-        if cfg.text_examples and len(part) > cfg.text_examples:
-            part = part.sample(n=cfg.text_examples, random_state=cfg.seed)
-        rows += part.to_dict("records")
+        users = _sample(part[part["task"] == "rating"], cfg.text_examples, cfg.seed)["user"]
+        rows += part[part["user"].isin(set(users))].to_dict("records")
     fams = [f for f in ("rating", "explanation", "review") if f in data.families and f in temps
             and not (f == "rating" and rated)]
     if fams:
-        ex = example_dataset(data_dir, pcfg, split=cfg.split, families=fams, held_out=False,
-                             log=lambda *a: None).to_pandas()
-        for fam in fams:
-            part = ex[ex["family"] == fam]
-            if cfg.text_examples and len(part) > cfg.text_examples:
-                part = part.sample(n=cfg.text_examples, random_state=cfg.seed)
-            for r in part.itertuples(index=False):
-                rows.append({"task": fam, "user": r.user, "source": r.source, "prefix": [], "truth": -1, "history": [],
-                             "exclude": [], "candidates": [], "target": r.target, "item": r.item})
-    info = {"users": int(len(seqs)), "n_items": len(ids), "scale": (pcfg.rating_min, pcfg.rating_max)}
-    return pd.DataFrame(rows), info
+        targets = {t.id: t.target for ts in temps.values() for t in ts}
+        for suffix, held in (("", False), (HELD_OUT, True)):
+            ex = example_dataset(data_dir, pcfg, split=cfg.split, families=fams, held_out=held,
+                                 log=lambda *a: None).to_pandas()
+            # a review prompt whose answer is a rating is scored as a rating
+            ex["task"] = [f"{fam}-rating" if fam == "review" and targets.get(t) == "{rating}" else fam
+                          for fam, t in zip(ex["family"], ex["template"])]
+            for task in sorted(ex["task"].unique()):
+                for r in _sample(ex[ex["task"] == task], cfg.text_examples, cfg.seed).itertuples(index=False):
+                    rows.append({"task": task + suffix, "user": r.user, "source": r.source, "prefix": [],
+                                 "truth": -1, "history": [], "exclude": [], "candidates": [], "target": r.target,
+                                 "item": r.item})
+    out = pd.DataFrame(rows, columns=ROW_COLUMNS)
+    out["history_len"] = out["history"].map(len)
+    counts = _item_counts(data)
+    out["item_count"] = [int(counts[i]) if i >= 0 else -1 for i in
+                         pd.Index(data.catalog["item"]).get_indexer(out["item"].fillna(""))]
+    info = {"users": int(len(seqs)), "n_items": len(ids), "scale": (pcfg.rating_min, pcfg.rating_max),
+            "cold_ks": list(cfg.cold_ks)}
+    return out, info
 
 
 # ----------------------------------------------------------------------------- model replicas
+def family_of(task: str) -> str:
+    """``sequential/seen`` -> sequential, ``rating/held-out`` -> rating, ``review-rating`` -> review-rating."""
+    return task.split("/")[0]
+
+
 class BundlePredictor:
     """A model replica for ``map_batches``: loads the bundle once, answers every task of a batch."""
 
@@ -155,73 +242,118 @@ class BundlePredictor:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from .generate import generate_text, predict_ratings, predict_ratings_dense, score_candidates
+        from .metrics import rank_among_candidates
 
         tok, model = self.b.tokenizer, self.b.model
+        batch = batch.reset_index(drop=True)
         out = pd.DataFrame({"task": batch["task"], "user": batch["user"], "truth": batch["truth"],
                             "target": batch["target"]})
+        for col in ("history_len", "item_count"):  # what the cold-start slices of the scores read
+            if col in batch:
+                out[col] = batch[col]
         out["items"] = [[] for _ in range(len(batch))]
         out["text"] = None
         out["rank"] = -1
+        out["score"] = np.nan
+        fam = batch["task"].map(family_of).to_numpy()
         prefix = [list(p) for p in batch["prefix"]]
         # dense bundles answer sequential rows, and direct rows built from the same input, by the next-item scores
-        dense = np.array([self.dense and (t.startswith("sequential") or len(p) > 0) for t, p in
-                          zip(batch["task"], prefix)])
+        dense = np.array([self.dense and (f == "sequential" or len(p) > 0) for f, p in zip(fam, prefix)])
         tokens = lambda rows: [tok.item_token_ids(prefix[r]) for r in rows]  # noqa: E731
-        seq = batch["task"].str.startswith("sequential").to_numpy()
-        if seq.any():
-            sub = batch[seq]
-            rows = np.flatnonzero(seq)
-            items, _ = self.search.search(tok.encode_batch(list(sub["source"])), beams=self.beams, k=self.top_k,
-                                          exclude=list(sub["exclude"]),
-                                          prefix=tokens(rows) if dense[rows].all() else None)
-            out.loc[seq, "items"] = pd.Series([[int(i) for i in row if i >= 0] for row in items.tolist()],
-                                              index=sub.index)
-        direct = (batch["task"] == "direct").to_numpy()
-        if direct.any():
-            from .metrics import rank_among_candidates
-
-            sub = batch[direct]
-            rows = np.flatnonzero(direct)
-            if dense[rows].all():  # the next-item scores of the candidates
-                s = self.search.item_scores(tok.encode_batch(list(sub["source"])), tokens(rows)).numpy()
-                scores = [s[r, np.asarray(c, dtype=np.int64)] for r, c in enumerate(sub["candidates"])]
-            else:
-                scores = score_candidates(model, tok, list(sub["source"]),
-                                          [[self.ids[i] for i in c] for c in sub["candidates"]])
-            out.loc[direct, "rank"] = [rank_among_candidates(s, 0) for s in scores]
-        m = (batch["task"] == "rating").to_numpy()
-        if m.any():  # the expected rating over the scale's rating texts or tokens (as serving answers)
-            rated = m & np.array([len(p) > 0 for p in prefix])
-            if rated.any():
-                out.loc[rated, "text"] = predict_ratings_dense(model, tok, list(batch.loc[rated, "source"]),
-                                                               [prefix[r] for r in np.flatnonzero(rated)], *self.scale)
-            if (m & ~rated).any():
-                out.loc[m & ~rated, "text"] = predict_ratings(model, tok, list(batch.loc[m & ~rated, "source"]),
-                                                              *self.scale)
-        for fam, new_tokens, beams in (("explanation", 32, 4), ("review", 32, 4)):
-            m = (batch["task"] == fam).to_numpy()
-            if m.any():
-                out.loc[m, "text"] = generate_text(model, tok, list(batch.loc[m, "source"]), new_tokens, beams)
+        for task in batch["task"].unique():  # a task at a time: one style of input per call
+            m = (batch["task"] == task).to_numpy()
+            rows, sub, f = np.flatnonzero(m), batch[m], family_of(task)
+            if f == "sequential":
+                items, _ = self.search.search(tok.encode_batch(list(sub["source"])), beams=self.beams, k=self.top_k,
+                                              exclude=list(sub["exclude"]),
+                                              prefix=tokens(rows) if dense[rows].all() else None)
+                out.loc[m, "items"] = pd.Series([[int(i) for i in row if i >= 0] for row in items.tolist()],
+                                                index=sub.index)
+            elif f in ("direct", "direct-yesno"):
+                if dense[rows].all():  # the next-item scores of the candidates
+                    s = self.search.item_scores(tok.encode_batch(list(sub["source"])), tokens(rows)).numpy()
+                    scores = [s[r, np.asarray(c, dtype=np.int64)] for r, c in enumerate(sub["candidates"])]
+                elif f == "direct":
+                    scores = score_candidates(model, tok, list(sub["source"]),
+                                              [[self.ids[i] for i in c] for c in sub["candidates"]])
+                else:  # the log-odds of yes against no
+                    scores = [np.array([y - n]) for y, n in score_candidates(model, tok, list(sub["source"]),
+                                                                             [["yes", "no"]] * len(sub))]
+                if f == "direct":
+                    out.loc[m, "rank"] = [rank_among_candidates(s, 0) for s in scores]
+                else:
+                    out.loc[m, "score"] = [float(s[0]) for s in scores]
+            elif f in ("rating", "review-rating"):  # the expected rating over the scale (as serving answers)
+                if dense[rows].all() and f == "rating":
+                    out.loc[m, "text"] = predict_ratings_dense(model, tok, list(sub["source"]),
+                                                               [prefix[r] for r in rows], *self.scale)
+                else:
+                    out.loc[m, "text"] = predict_ratings(model, tok, list(sub["source"]), *self.scale)
+            elif f in ("explanation", "review"):
+                out.loc[m, "text"] = generate_text(model, tok, list(sub["source"]), 32, 4)
+        # the yes/no threshold: log-odds 0 for a yes/no answer, the task's median score for next-item scores
+        out["odds"] = ~dense
         return out
 
 
 # ----------------------------------------------------------------------------- scoring
+COLD_TASKS = ("sequential/seen", "direct")  # the tasks whose rows are sliced by user history and item count
+
+
+def cold_slices(rows: pd.DataFrame, ks) -> dict:
+    """Masks over ``rows`` of the cold-start slices: users whose history before the held-out item is shorter
+    than k, and held-out items with at most k training interactions."""
+    hist = rows["history_len"].to_numpy()
+    count = rows["item_count"].to_numpy()
+    out = {f"history<{k}": hist < k for k in ks}
+    out.update({f"item<={k}": (count >= 0) & (count <= k) for k in ks})
+    return out
+
+
+def ranking_result(ranks, rows: pd.DataFrame, task: str, ks, **metrics_kw) -> dict:
+    """``task``'s ranking metrics and, for the cold-start tasks, those of every slice (``task|slice``)."""
+    from .metrics import ranking_metrics
+
+    ranks = np.asarray(ranks, dtype=np.int64)
+    out = {task: {**ranking_metrics(ranks, **metrics_kw), "invalid": 0, "n": int(len(ranks))}}
+    if task in COLD_TASKS:
+        for name, mask in cold_slices(rows, ks).items():
+            out[f"{task}|{name}"] = {**ranking_metrics(ranks[mask], **metrics_kw), "n": int(mask.sum())}
+    return out
+
+
+def yesno_result(scores, truth, odds: bool) -> dict:
+    """Accuracy, precision, recall and F1 of the yes answers (a score above the threshold: log-odds 0 for a
+    model that answers yes or no, the median for a scorer, which then answers yes for half the rows)."""
+    from .metrics import binary_metrics
+
+    s = np.asarray(scores, dtype=float)
+    threshold = 0.0 if odds else float(np.median(s)) if len(s) else 0.0
+    return {**binary_metrics(s > threshold, np.asarray(truth, dtype=bool)), "n": int(len(s))}
+
+
 def _score(pred: pd.DataFrame, info: dict, k: int) -> dict:
+    """Metrics per task of the model's predictions (``BundlePredictor``'s rows)."""
     from .generate import parse_rating
-    from .metrics import ranking_metrics, ranks_of_truth, rating_metrics, text_metrics
+    from .metrics import ranks_of_truth, rating_metrics, text_metrics
 
     res = {}
     for task in sorted(pred["task"].unique()):
-        p = pred[pred["task"] == task]
-        if task.startswith("sequential"):
+        sel = (pred["task"] == task).to_numpy()
+        p, f = pred[sel], family_of(task)
+        if f == "sequential":
             lists = list(p["items"])
-            m = ranking_metrics(ranks_of_truth(lists, list(p["truth"])))
-            m["invalid"] = int(sum(1 for lst in lists for i in lst if not 0 <= i < info["n_items"]))
-            m["short_lists"] = int(sum(1 for lst in lists if len(lst) < k))
-        elif task == "direct":
-            m = ranking_metrics(list(p["rank"]), ks_hr=(1, 5, 10), ks_ndcg=(5, 10))
-            m["invalid"] = 0
-        elif task == "rating":
+            res.update(ranking_result(ranks_of_truth(lists, list(p["truth"])), p, task, info["cold_ks"]))
+            res[task]["invalid"] = int(sum(1 for lst in lists for i in lst if not 0 <= i < info["n_items"]))
+            res[task]["short_lists"] = int(sum(1 for lst in lists if len(lst) < k))
+            continue
+        if f == "direct":
+            res.update(ranking_result(list(p["rank"]), p, task, info["cold_ks"],
+                                      ks_hr=(1, 5, 10), ks_ndcg=(5, 10)))
+            continue
+        if f == "direct-yesno":
+            m = yesno_result(p["score"], p["truth"], bool(p["odds"].all()))
+        elif f in ("rating", "review-rating"):
             lo, hi = info["scale"]
             m = rating_metrics([parse_rating(t, lo, hi) for t in p["text"]], [float(t) for t in p["target"]])
         else:
@@ -238,10 +370,12 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
     SASRec stops early on full-ranking NDCG@10 of the validation split (each user's training items, then
     the validation item), keeping its best epoch; the test split is never seen in training or selection
     (with ``split=valid`` its figures are selected on the split they report, so they flatter it).
-    Scores are computed ``SCORE_BATCH`` users at a time, so a large catalog times many users fits in memory."""
+    Scores are computed ``SCORE_BATCH`` users at a time, so a large catalog times many users fits in memory.
+    Baselines have no prompts: they answer the seen rows of each task (the held-out ones are the same
+    question in other words), the short-history rows from the history those rows give."""
     from .baselines import BASELINES
     from .dataset import PreparedData
-    from .metrics import rank_among_candidates, ranking_metrics, ranks_of_truth, rating_metrics
+    from .metrics import rank_among_candidates, ranks_of_truth, rating_metrics
 
     data = PreparedData.open(data_dir)
     seqs = data.sequences_pandas(columns=["user", "index", "n_train"])
@@ -256,33 +390,46 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
     pos = pd.Index(data.catalog["item"]).get_indexer(inter["item"]).astype(np.int64)
     # a data set without ratings gives empty arrays: popularity then has no rating prediction
     ratings = {"items": pos[pos >= 0], "values": inter["rating"].to_numpy(dtype=float)[pos >= 0]}
-    seq_rows = rows[rows["task"] == "sequential/seen"]
-    direct_rows = rows[rows["task"] == "direct"]
+    seq_tasks = [t for t in rows["task"].unique() if family_of(t) == "sequential" and not t.endswith(HELD_OUT)]
     fit_args = {"two-tower": {"epochs": cfg.two_tower_epochs},
                 "SASRec": {"epochs": cfg.sasrec_epochs, "valid": valid, "patience": cfg.sasrec_patience,
                            "patience_steps": cfg.sasrec_patience_steps,
                            "max_minutes": cfg.sasrec_minutes or None, "log": log}}
+
+    def scored(model, part: pd.DataFrame, pick):
+        """``pick(scores row, row)`` over ``part``'s rows, ``SCORE_BATCH`` users at a time."""
+        hist, who, out = list(part["history"]), list(part["user"]), []
+        recs = part.to_dict("records")
+        for b in range(0, len(hist), SCORE_BATCH):
+            s = np.array(model.scores(hist[b:b + SCORE_BATCH], who[b:b + SCORE_BATCH]), dtype=np.float64)
+            out += [pick(s[r], rec) for r, rec in enumerate(recs[b:b + SCORE_BATCH])]
+        return out
+
+    def top(s, rec):
+        if cfg.exclude_seen and len(rec["exclude"]):
+            s = s.copy()
+            s[np.asarray(rec["exclude"], dtype=np.int64)] = -np.inf
+        return np.argsort(-s, kind="stable")[:cfg.top_k].tolist()
+
     out = {}
     for name, cls in BASELINES.items():
         t0 = time.perf_counter()
         model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed, **fit_args.get(name, {}))
         res = {}
-        hist, truth, excl = list(seq_rows["history"]), list(seq_rows["truth"]), list(seq_rows["exclude"])
-        seq_users, top = list(seq_rows["user"]), []
-        for b in range(0, len(hist), SCORE_BATCH):
-            s = np.array(model.scores(hist[b:b + SCORE_BATCH], seq_users[b:b + SCORE_BATCH]), dtype=np.float64)
-            for r, ex in enumerate(excl[b:b + SCORE_BATCH]):
-                if len(ex):
-                    s[r, np.asarray(ex, dtype=np.int64)] = -np.inf
-            top.extend(np.argsort(-s, axis=1, kind="stable")[:, :cfg.top_k].tolist())
-        res["sequential/seen"] = {**ranking_metrics(ranks_of_truth(top, truth)), "invalid": 0, "n": int(len(seq_rows))}
-        hist, cands, ranks = list(direct_rows["history"]), list(direct_rows["candidates"]), []
-        d_users = list(direct_rows["user"])
-        for b in range(0, len(hist), SCORE_BATCH):
-            s = model.scores(hist[b:b + SCORE_BATCH], d_users[b:b + SCORE_BATCH])
-            ranks += [rank_among_candidates(s[r, np.asarray(c)], 0) for r, c in enumerate(cands[b:b + SCORE_BATCH])]
-        res["direct"] = {**ranking_metrics(ranks, ks_hr=(1, 5, 10), ks_ndcg=(5, 10)), "invalid": 0,
-                         "n": int(len(direct_rows))}
+        for task in seq_tasks:
+            if task != "sequential/seen" and not getattr(model, "by_history", True):
+                continue  # a per-user ID embedding trained on the whole history: no answer for a user of k items
+            part = rows[rows["task"] == task]
+            res.update(ranking_result(ranks_of_truth(scored(model, part, top), list(part["truth"])), part, task,
+                                      info["cold_ks"]))
+        part = rows[rows["task"] == "direct"]
+        if len(part):
+            ranks = scored(model, part, lambda s, rec: rank_among_candidates(s[np.asarray(rec["candidates"])], 0))
+            res.update(ranking_result(ranks, part, "direct", info["cold_ks"], ks_hr=(1, 5, 10), ks_ndcg=(5, 10)))
+        part = rows[rows["task"] == "direct-yesno"]
+        if len(part):  # a scorer answers yes above its median score
+            res["direct-yesno"] = yesno_result(scored(model, part, lambda s, rec: float(s[rec["candidates"][0]])),
+                                               part["truth"], odds=False)
         rr = rows[rows["task"] == "rating"]
         if hasattr(model, "predict_rating") and getattr(model, "rates", True) and len(rr):
             items = pd.Index(data.catalog["item"]).get_indexer(rr["item"])
@@ -305,28 +452,72 @@ SCORE_BATCH = 1024  # users scored at a time by a baseline (a (batch, n_items) a
 TABLE_ROWS = [("sequential/seen", ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "invalid"]),
               ("sequential/held-out", ["HR@5", "HR@10", "NDCG@10", "invalid"]),
               ("direct", ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "invalid"]),
-              ("rating", ["RMSE", "MAE", "unparseable"]),
+              ("direct/held-out", ["HR@10", "NDCG@10"]),
+              ("direct-yesno", ["accuracy", "precision", "recall", "F1"]),
+              ("direct-yesno/held-out", ["accuracy", "F1"]),
+              ("rating", ["RMSE", "MSE", "MAE", "unparseable"]),
+              ("rating/held-out", ["RMSE", "MAE"]),
               ("explanation", ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"]),
-              ("review", ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"])]
+              ("explanation/held-out", ["BLEU-4", "ROUGE-L"]),
+              ("review", ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"]),
+              ("review/held-out", ["BLEU-4", "ROUGE-L"]),
+              ("review-rating", ["RMSE", "MAE"]),
+              ("review-rating/held-out", ["RMSE", "MAE"])]
+ZERO_SHOT = ["sequential", "direct", "direct-yesno", "rating", "explanation", "review", "review-rating"]
+ZERO_SHOT_METRIC = {"sequential": "NDCG@10", "direct": "NDCG@10", "direct-yesno": "F1", "rating": "RMSE",
+                    "explanation": "ROUGE-L", "review": "ROUGE-L", "review-rating": "RMSE"}
+
+
+def _cell(v) -> str:
+    return "—" if v is None else (f"{v}" if isinstance(v, int) else
+                                  "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}")
 
 
 def format_table(results: dict) -> str:
     """One table: a row per (task, metric), a column per method."""
     methods = list(results)
-    lines = [f"{'task':<20} {'metric':<12}" + "".join(f"{m:>13}" for m in methods)]
+    lines = [f"{'task':<24} {'metric':<12}" + "".join(f"{m:>13}" for m in methods)]
     lines.append("-" * len(lines[0]))
     for task, metrics in TABLE_ROWS:
         if not any(task in results[m] for m in methods):
             continue
         n = next(results[m][task].get("n") for m in methods if task in results[m])
         for metric in metrics:
-            cells = []
-            for m in methods:
-                v = results[m].get(task, {}).get(metric)
-                cells.append("—" if v is None else (f"{v}" if isinstance(v, int) else
-                                                    "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}"))
             label = f"{task} (n={n})" if metric == metrics[0] else ""
-            lines.append(f"{label:<20} {metric:<12}" + "".join(f"{c:>13}" for c in cells))
+            lines.append(f"{label:<24} {metric:<12}" + "".join(f"{_cell(results[m].get(task, {}).get(metric)):>13}"
+                                                               for m in methods))
+    return "\n".join(lines)
+
+
+def format_zero_shot(results: dict) -> str:
+    """recflm's answers to the seen templates beside the held-out (never trained) ones, per family."""
+    ours = results.get("recflm", {})
+    lines = [f"{'family':<16} {'metric':<9} {'seen':>9} {'held-out':>9} {'n':>6}"]
+    for fam in ZERO_SHOT:
+        seen = ours.get("sequential/seen" if fam == "sequential" else fam)
+        held = ours.get(f"{fam}{HELD_OUT}")
+        if seen is None and held is None:
+            continue
+        metric = ZERO_SHOT_METRIC[fam]
+        lines.append(f"{fam:<16} {metric:<9} {_cell((seen or {}).get(metric)):>9} "
+                     f"{_cell((held or {}).get(metric)):>9} {(seen or held).get('n', 0):>6}")
+    return "\n".join(lines)
+
+
+def format_cold_start(results: dict, ks=(3, 5)) -> str:
+    """NDCG@10 and HR@10 per cold-start slice and method: short natural histories, the last-k rows, rare items."""
+    methods = list(results)
+    keys = ([f"sequential/seen|history<{k}" for k in ks] + [f"sequential/last-{k}" for k in ks]
+            + [f"sequential/seen|item<={k}" for k in ks] + [f"direct|item<={k}" for k in ks])
+    lines = [f"{'slice':<30} {'n':>6} {'metric':<8}" + "".join(f"{m:>13}" for m in methods)]
+    for key in keys:
+        if not any(key in results[m] for m in methods):
+            continue
+        n = next(results[m][key].get("n", 0) for m in methods if key in results[m])
+        for metric in ("NDCG@10", "HR@10"):
+            lines.append(f"{key if metric == 'NDCG@10' else '':<30} {n if metric == 'NDCG@10' else '':>6} "
+                         f"{metric:<8}" + "".join(f"{_cell(results[m].get(key, {}).get(metric)):>13}"
+                                                  for m in methods))
     return "\n".join(lines)
 
 
@@ -348,7 +539,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     rows, info = build_rows(data_dir, str(bundle.templates_dir), cfg, log, inference=bundle.manifest.get("inference"))
     log(f"evaluate: {info['users']} users, {len(rows)} prompts on split {cfg.split}, "
         f"{cfg.replicas} model replica(s)")
-    cols = rows[["task", "user", "source", "prefix", "truth", "exclude", "candidates", "target"]]
+    cols = rows[["task", "user", "source", "prefix", "truth", "exclude", "candidates", "target", "history_len",
+                 "item_count"]]
     step = max(1, math.ceil(len(cols) / max(4, 4 * cfg.replicas)))
     ds = ray.data.from_pandas([cols.iloc[i:i + step] for i in range(0, len(cols), step)])
     threads = max(1, int(cfg.cpus_per_replica))
@@ -381,6 +573,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     # the held-out template row is recflm's own: baselines have no prompts
     out = write()
     print(format_table(results))
+    print("\nzero-shot: seen vs held-out (never trained) templates, recflm\n" + format_zero_shot(results))
+    print("\ncold start: short histories and rare items\n" + format_cold_start(results, info["cold_ks"]))
     log(f"evaluate: metrics written to {path} ({out['seconds']} s)")
     return out
 

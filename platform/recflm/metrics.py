@@ -1,8 +1,10 @@
-"""Evaluation metrics: ranking (HR@k, NDCG@k), rating (RMSE, MAE) and text (BLEU-4, ROUGE-1/2/L).
+"""Evaluation metrics: ranking (HR@k = recall@k, NDCG@k), yes/no (accuracy, precision, recall, F1), rating
+(RMSE, MSE, MAE) and text (BLEU-4, ROUGE-1/2/L).
 
 Ranking metrics take, per user, the 0-based rank of the true item in the returned list (``-1``
-or ``None`` when it is not in the list): HR@k = share of users with rank < k; NDCG@k with one
-relevant item = mean of ``1 / log2(rank + 2)`` over users with rank < k. Text metrics come from
+or ``None`` when it is not in the list): HR@k = share of users with rank < k; with one held-out item
+per user that is also recall@k (reported under both names); NDCG@k with one relevant item = mean of
+``1 / log2(rank + 2)`` over users with rank < k. Text metrics come from
 sacrebleu (corpus BLEU-4, 0-100) and Google's rouge-score (F-measure, 0-100).
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ def ranking_metrics(ranks, ks_hr=(1, 5, 10, 20), ks_ndcg=(5, 10, 20)) -> dict:
     out = {}
     for k in ks_hr:
         out[f"HR@{k}"] = float(np.mean(found & (r < k)))
+    for k in ks_hr:  # one relevant item per user: the share of relevant items retrieved is the hit rate
+        out[f"Recall@{k}"] = out[f"HR@{k}"]
     gains = np.where(found, 1.0 / np.log2(np.where(found, r, 0) + 2.0), 0.0)
     for k in ks_ndcg:
         out[f"NDCG@{k}"] = float(np.mean(np.where(found & (r < k), gains, 0.0)))
@@ -45,16 +49,30 @@ def rank_among_candidates(scores: np.ndarray, true_index: int = 0) -> int:
 
 
 def rating_metrics(predicted, truth) -> dict:
-    """RMSE and MAE over the parseable predictions; ``unparseable`` counts the None ones."""
+    """RMSE, MSE and MAE over the parseable predictions; ``unparseable`` counts the None ones."""
     pairs = [(p, t) for p, t in zip(predicted, truth) if p is not None]
     out = {"n": len(predicted), "unparseable": len(predicted) - len(pairs)}
     if pairs:
         p, t = np.array(pairs, dtype=float).T
-        out["RMSE"] = float(math.sqrt(np.mean((p - t) ** 2)))
+        out["MSE"] = float(np.mean((p - t) ** 2))
+        out["RMSE"] = float(math.sqrt(out["MSE"]))
         out["MAE"] = float(np.mean(np.abs(p - t)))
     else:
-        out["RMSE"] = out["MAE"] = float("nan")
+        out["RMSE"] = out["MSE"] = out["MAE"] = float("nan")
     return out
+
+
+def binary_metrics(predicted, truth) -> dict:
+    """Accuracy, and precision, recall and F1 of the positive class (yes), of boolean answers."""
+    p, t = np.asarray(predicted, dtype=bool), np.asarray(truth, dtype=bool)
+    if len(p) == 0:
+        return {}
+    tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": float(np.mean(p == t)), "precision": precision, "recall": recall,
+            "F1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "positive_share": float(p.mean())}
 
 
 def text_metrics(predicted: list[str], references: list[str]) -> dict:

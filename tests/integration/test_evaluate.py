@@ -32,8 +32,62 @@ def test_evaluate_with_baselines(bundled_dataset, tiny_bundle, tmp_path, capsys)
     assert res["SASRec"]["sequential/seen"]["n"] == 40 and "RMSE" in res["popularity"]["rating"]
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved["results"]["recflm"]["sequential/seen"]["HR@20"] == ours["sequential/seen"]["HR@20"]
+    # every family seen and held out (zero-shot), yes/no prompts, short histories, the seeds' metrics
+    for task in ("direct/held-out", "direct-yesno", "direct-yesno/held-out", "rating/held-out",
+                 "explanation/held-out", "sequential/last-3", "sequential/last-5"):
+        assert ours[task]["n"] > 0, task
+    assert ours["direct-yesno"]["n"] == 24  # 12 users: the held-out item and one negative each
+    assert all(0 <= ours["direct-yesno"][k] <= 1 for k in ("accuracy", "precision", "recall", "F1"))
+    assert ours["rating"]["MSE"] == pytest.approx(ours["rating"]["RMSE"] ** 2)
+    assert ours["sequential/seen"]["Recall@10"] == ours["sequential/seen"]["HR@10"]
+    # popularity tells a held-out item from a random one: it is right well above chance
+    assert res["popularity"]["direct-yesno"]["accuracy"] > 0.6
+    assert res["SASRec"]["sequential/last-3"]["n"] == 40 and "sequential/last-3" not in res["two-tower"]
+    for method in res.values():  # the cold-start slices, for every method: parts of the whole
+        for key in ("sequential/seen|history<5", "sequential/seen|item<=5", "direct|item<=3"):
+            assert 0 <= method[key]["n"] <= 40, key
     table = capsys.readouterr().out
     assert "SASRec" in table and "NDCG@10" in table and "RMSE" in table
+    assert "zero-shot: seen vs held-out" in table and "cold start" in table and "sequential/last-3" in table
+
+
+def test_evaluation_rows_ask_every_family_seen_and_held_out(bundled_dataset):
+    """The rows build_rows adds for zero-shot, yes/no and cold-start evaluation ask what they say."""
+    from recflm.dataset import PreparedData
+    from recflm.evaluate import build_rows
+    from recflm.prompts import TEMPLATES_DIR, load_templates
+
+    data, _, _ = bundled_dataset
+    rows, info = build_rows(str(data), str(TEMPLATES_DIR), EvalConfig(max_users=30, text_examples=10, cold_users=8),
+                            log=lambda *a: None)
+    temps = load_templates(TEMPLATES_DIR)
+    held = {fam: [t.source.split("{")[0] for t in ts if t.held_out] for fam, ts in temps.items()}
+    by = {t: g for t, g in rows.groupby("task")}
+    seqs = PreparedData.open(data).sequences_pandas(columns=["user", "index", "n_train"]).set_index("user")
+    # held-out rows use held-out templates only, on the same examples as the seen rows
+    for task, fam in (("sequential/held-out", "sequential"), ("direct/held-out", "direct"),
+                      ("direct-yesno/held-out", "direct"), ("rating/held-out", "rating")):
+        assert len(by[task]) and all(any(src.startswith(h) for h in held[fam]) for src in by[task]["source"]), task
+        seen = by[task.split("/")[0] if task != "sequential/held-out" else "sequential/seen"]
+        assert sorted(by[task]["user"]) == sorted(seen["user"]), task
+    yes = by["direct-yesno"]
+    assert len(yes) == 20 and yes["truth"].sum() == 10 and set(yes["target"]) == {"yes", "no"}
+    for r in yes.itertuples():
+        (item,) = r.candidates
+        index, n_train = seqs.loc[r.user, "index"], int(seqs.loc[r.user, "n_train"])
+        # yes: the held-out (test) item; no: an item the user never chose
+        assert (item == index[n_train + 1]) if r.truth else (item not in set(index))
+    for k in (3, 5):
+        short = by[f"sequential/last-{k}"]
+        assert len(short) == 8 and (short["history"].map(len) == k).all() and (short["history_len"] == k).all()
+        full = by["sequential/seen"].set_index("user")
+        assert all(list(h) == list(full.loc[u, "history"])[-k:] and t == full.loc[u, "truth"]
+                   for u, h, t in zip(short["user"], short["history"], short["truth"]))
+    # the item side of the cold-start slices: the held-out item's training interactions
+    inter = PreparedData.open(data).interactions_pandas(columns=["item", "split"])
+    counts = inter[inter["split"] == "train"]["item"].value_counts()
+    seen = by["sequential/seen"]
+    assert all(c == counts.get(i, 0) for i, c in zip(seen["item"], seen["item_count"]))
 
 
 def test_a_failing_baseline_keeps_the_model_results(bundled_dataset, tiny_bundle, tmp_path, monkeypatch):

@@ -93,6 +93,10 @@ def test_dense_recipe_trains_every_position_and_exports_the_best_epoch(bundled_d
         assert res[task]["n"] == 30 and res[task]["invalid"] == 0 and res[task]["short_lists"] == 0
     assert res["direct"]["n"] == 30 and 0 <= res["direct"]["NDCG@10"] <= 1
     assert res["rating"]["n"] == 20 and res["rating"]["unparseable"] == 0 and 0 < res["rating"]["RMSE"] < 4
+    # dense bundles answer the held-out and yes/no rows by the same next-item scores, held-out ratings by tokens
+    assert res["direct/held-out"]["n"] == 30 and res["rating/held-out"]["n"] == 20
+    assert res["direct-yesno"]["n"] == 40 and res["direct-yesno"]["positive_share"] == 0.5  # yes above the median
+    assert res["sequential/last-3"]["n"] == 30 and res["sequential/last-3"]["invalid"] == 0
     # serving asks the same way: a known user's rated training items, then the item, as the decoder prefix
     from recflm.dataset import PreparedData
     from recflm.generate import predict_ratings_dense
