@@ -132,6 +132,15 @@ def row_uniforms(keys: np.ndarray, seed: int, epoch: int, split: str, n: int) ->
     return out
 
 
+def labelled_users(users, seed: int, share: float) -> np.ndarray:
+    """Which users are in a seeded ``share`` of all users (a fine-tune on a fraction of the labelled users):
+    a pure function of (seed, user), the same in every task, split and epoch."""
+    keys = np.asarray(users, dtype=object)
+    if share >= 1.0:
+        return np.ones(len(keys), dtype=bool)
+    return row_uniforms(keys, seed, 0, "train", 1)[:, 0] < share if len(keys) else np.zeros(0, dtype=bool)
+
+
 def _augment_history(hist: list, rng: np.random.Generator, aug: AugmentConfig, ids: np.ndarray,
                      seen: set) -> list:
     hist = list(hist)
@@ -187,13 +196,16 @@ def _emit(rows: list, fam: str, temps: list, ex: dict, u: float, held_out: bool 
 
 def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, split: str, epoch: int,
                       seed: int, prompts: PromptConfig, aug: AugmentConfig, families: list,
-                      held_out: bool | None, keep: dict | None = None) -> pd.DataFrame:
-    """Sequential and direct examples from per-user sequences (one batch of users)."""
+                      held_out: bool | None, keep: dict | None = None, users_share: float = 1.0) -> pd.DataFrame:
+    """Sequential and direct examples from per-user sequences (one batch of users); ``users_share``: only
+    the users of that seeded share (``labelled_users``)."""
     epoch = _epoch_of(epoch)
     ctx = _context(data_dir, templates_dir)
     ids, n_items, temps = ctx["ids"], len(ctx["ids"]), ctx["templates"]
     primary = ctx["manifest"].get("primary_source")
     rows: list = []
+    if users_share < 1.0:
+        batch = batch[labelled_users(batch["user"], seed, users_share)]
     if len(batch) == 0:
         return pd.DataFrame(columns=EXAMPLE_COLUMNS)
     H = prompts.max_history
@@ -278,6 +290,10 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
         if "sequential" in families and style != "dense":
             ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
             _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
+        if SPAN in families:  # the label-free objective on held-out data: the split's item is the masked span
+            masked = hist + [MASK]
+            rows.append({"family": SPAN, "template": SPAN, "target": seq[t],
+                         "source": SPAN_SOURCE.format(user=user, history=", ".join(masked)), **meta, "item": items[t]})
         if rated and is_rated(ratings[t]):  # the split's rating, after the rated items before it
             win = rated_positions(ratings, t + 1)[-W:]
             ex = {"user": user, RATED_FIELD: rated_sequence([seq[k] for k in win], [ratings[k] for k in win], lo, hi)}
@@ -308,7 +324,7 @@ def thin_families(batch: pd.DataFrame, keep: dict | None, seed: int) -> pd.DataF
 
 def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, split: str, epoch: int,
                          seed: int, prompts: PromptConfig, aug: AugmentConfig, families: list,
-                         held_out: bool | None, keep: dict | None = None) -> pd.DataFrame:
+                         held_out: bool | None, keep: dict | None = None, users_share: float = 1.0) -> pd.DataFrame:
     """Rating, explanation and review examples from interaction rows of one split. ``keep``: family ->
     probability of keeping a row's example (the training mix), drawn before any text is built."""
     epoch = _epoch_of(epoch)
@@ -317,6 +333,8 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
     primary = ctx["manifest"].get("primary_source")
     review_sources = set(ctx["manifest"].get("review_sources", []))
     batch = batch[batch["split"] == split]
+    if users_share < 1.0:
+        batch = batch[labelled_users(batch["user"], seed, users_share)]
     if len(batch) == 0:
         return pd.DataFrame(columns=EXAMPLE_COLUMNS)
     pos = ctx["index"].get_indexer(batch["item"])
@@ -362,13 +380,14 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
 
 def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, split: str = "train",
                     epoch: int = 0, families: list | None = None, held_out: bool | None = False,
-                    log=print, keep: dict | None = None):
+                    log=print, keep: dict | None = None, users_share: float = 1.0):
     """Lazy Ray Dataset of prompt examples for one split and epoch (``epoch``: a number, or the name of
     an epoch clock whose value each execution reads, see ``make_epoch_clock``).
 
     ``held_out=False`` (training): only seen templates; ``True``: only held-out ones (zero-shot
     evaluation); ``None``: both. Families the data cannot feed are skipped with a message. ``keep``:
-    family -> keep probability (the training mix, see ``train.mixing_weights``), applied in the tasks."""
+    family -> keep probability (the training mix, see ``train.mixing_weights``), applied in the tasks.
+    ``users_share``: examples of that seeded share of the users only (``labelled_users``)."""
     import ray.data
 
     if split not in SPLIT_CODE:
@@ -385,7 +404,7 @@ def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, spli
             log(f"examples: skipping the {f} family: the dataset has no input for it")
     kw = dict(data_dir=str(Path(data_dir).resolve()), templates_dir=cfg.prompts.templates_dir, split=split,
               epoch=epoch, seed=cfg.seed, prompts=cfg.prompts, aug=cfg.augment, families=fams, held_out=held_out,
-              keep=dict(keep or {}))
+              keep=dict(keep or {}), users_share=float(users_share))
     def read(table: str, rows_per_block: int, max_blocks: int = 256):
         # many small blocks, so that shuffling block order (training) mixes the task families well;
         # each block is one task (batch_size=None: Ray would otherwise bundle blocks up to a batch size)

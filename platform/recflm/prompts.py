@@ -71,6 +71,20 @@ def load_templates(directory: str | Path | None = None) -> dict[str, list[Templa
     return out
 
 
+def template_words(directory: str | Path | None = None) -> list[str]:
+    """The words of every template (fields left out): tokenizer training text for prompts a run may not render."""
+    out = []
+    for temps in load_templates(directory).values():
+        for t in temps:
+            out += [string.Formatter().vformat(x, (), _Blank()) for x in (t.source, t.target)]
+    return [x for x in out if x.strip()]
+
+
+class _Blank(dict):
+    def __missing__(self, key):
+        return ""
+
+
 def usable(templates: list[Template], ex: dict, held_out: bool | None) -> list[Template]:
     """Templates of a family whose fields the example has (``held_out`` None: both kinds)."""
     have = {k for k, v in ex.items() if v is not None}

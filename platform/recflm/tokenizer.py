@@ -19,6 +19,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 PAD, EOS, UNK, MASK = "<pad>", "</s>", "<unk>", "<mask>"
 SPECIALS = [PAD, EOS, UNK, MASK]
+# byte fallback: a character the merges never saw is written as its UTF-8 bytes, one token each, so every
+# text encodes without <unk> (a tokenizer trained on one stage's texts reads what any later stage sends)
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 MAX_WHOLE_WORD = 512
 _CLUSTER_TOKEN = re.compile(r"<[a-z]\d+>")
 
@@ -30,7 +34,8 @@ class RecTokenizer:
         self.eos_id = tok.token_to_id(EOS)
         self.mask_id = tok.token_to_id(MASK)
         self.vocab_size = tok.get_vocab_size()
-        self.added = {t.content for t in tok.get_added_tokens_decoder().values()}
+        # the added tokens that are words of their own (a byte token is a piece of a character)
+        self.added = {t.content for t in tok.get_added_tokens_decoder().values() if not _BYTE_TOKEN.fullmatch(t.content)}
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
@@ -134,20 +139,21 @@ def whole_word_ids(text: str, tokens: list[str], offsets: list[tuple[int, int]],
 
 def train_tokenizer(texts, vocab_size: int = 8000, item_tokens: list[str] | None = None,
                     extra_special: tuple = ()) -> RecTokenizer:
-    """Train a byte-pair tokenizer on ``texts`` (an iterable of strings)."""
-    tok = Tokenizer(models.BPE(unk_token=UNK))
+    """Train a byte-pair tokenizer on ``texts`` (an iterable of strings). ``vocab_size`` counts the learnt
+    pieces; the 256 byte tokens of the byte fallback come on top (and the item tokens after them)."""
+    tok = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
         pre_tokenizers.Digits(individual_digits=False),
         pre_tokenizers.Punctuation(behavior="isolated"),
     ])
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="first")])
     texts = list(texts)
     cluster = sorted({m for t in texts for m in _CLUSTER_TOKEN.findall(t)} |
                      {m for t in (item_tokens or []) for m in _CLUSTER_TOKEN.findall(t)})
-    special = SPECIALS + list(extra_special) + cluster
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=2,
+    special = SPECIALS + list(extra_special) + cluster + BYTE_TOKENS
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(BYTE_TOKENS), special_tokens=special, min_frequency=2,
                                   show_progress=False, initial_alphabet=list("0123456789▁"))
     tok.train_from_iterator(texts, trainer=trainer)
     if item_tokens:  # one token per item ID (collaborative IDs already are cluster-symbol tokens)

@@ -92,6 +92,10 @@ class TrainConfig:
     shuffle_buffer: int = 2000
     seed: int = 2022
     init_bundle: str = ""  # finetune: the bundle to start from
+    # supervised: the task families' prompts; self-supervised: the label-free objectives over the raw training
+    # sequences only (SELF_SUPERVISED_FAMILIES, validated by their loss on the valid split), for a later finetune
+    objective: str = "supervised"
+    users_share: float = 1.0  # train (and validate) on this seeded share of the users only (evaluation: all)
     fail_at_step: int = -1  # fault injection for tests: rank 0 raises once at this step
 
 
@@ -101,6 +105,8 @@ def _family_counts(batch):
 
 
 PER_USER_FAMILIES = ("sequential", "direct", "span")
+OBJECTIVES = ("supervised", "self-supervised")
+SELF_SUPERVISED_FAMILIES = ["span"]  # masked-item spans of the training sequences: no label, no prompt family
 BEST_WEIGHTS = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far
 
 
@@ -514,16 +520,17 @@ def inference_settings(pcfg: PrepareConfig) -> dict:
             **({"rating_history": pcfg.prompts.rating_window - 1} if rated else {})}
 
 
-def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int) -> list[dict]:
+def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int, users_share: float = 1.0) -> list[dict]:
     """Validation users' inputs (``sequential_input`` with the first seen template of the run's
     style), their next item (``truth``), their training items (``exclude``) and 99 fixed negatives
     (``candidates[1:]``, ``cand_index``). Users are a seeded sample, not the first ``n_users``."""
-    from .augment import sample_negatives
+    from .augment import labelled_users, sample_negatives
     from .prompts import load_templates, sequential_input, sequential_template
 
     inf = inference_settings(cfg)
     seqs = data.sequences_pandas(columns=["user", "ids", "index", "n_train"])
     seqs = seqs[seqs["ids"].map(len) > seqs["n_train"]]
+    seqs = seqs[labelled_users(seqs["user"], cfg.seed, users_share)]  # a fine-tune on a share: its users only
     if len(seqs) > n_users:
         seqs = seqs.sample(n=n_users, random_state=seed)
     temp = sequential_template(load_templates(cfg.prompts.templates_dir or None), inf["sequential"] == "dense")
@@ -571,11 +578,12 @@ class TrainSetup:
     clock: object = None  # the epoch clock actor (kept alive by holding this)
 
 
-def family_counts(data_dir: str, pcfg: PrepareConfig, families: list, log=print) -> dict:
+def family_counts(data_dir: str, pcfg: PrepareConfig, families: list, log=print, users_share: float = 1.0) -> dict:
     """Training examples per task family in one epoch (one pass over the example stream, no shuffle)."""
     from .augment import example_dataset
 
-    counts = (example_dataset(data_dir, pcfg, split="train", epoch=0, families=families, log=log)
+    counts = (example_dataset(data_dir, pcfg, split="train", epoch=0, families=families, log=log,
+                              users_share=users_share)
               .map_batches(_family_counts, batch_format="pandas", batch_size=None).to_pandas())
     return {f: int(n) for f, n in counts.groupby("family")["count"].sum().items()}
 
@@ -635,6 +643,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     from .augment import example_dataset, make_epoch_clock
     from .bundle import load_bundle
     from .dataset import PreparedData
+    from .prompts import template_words
     from .tokenizer import train_tokenizer
 
     data = PreparedData.open(cfg.data)
@@ -653,6 +662,13 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     from .prompts import rating_tokens
 
     cfg.prompts = inherited_prompts(cfg)  # recorded in config.json and the manifest: a fine-tune of it inherits them
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective={cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    if not 0 < cfg.users_share <= 1:
+        raise ConfigError(f"users_share={cfg.users_share}: expected a share of the users in (0, 1]")
+    if cfg.objective == "self-supervised" and cfg.families != SELF_SUPERVISED_FAMILIES:
+        log(f"pretrain: objective self-supervised: families {SELF_SUPERVISED_FAMILIES} (not {cfg.families})")
+        cfg.families = list(SELF_SUPERVISED_FAMILIES)
     _check_resumable(run_dir / "config.json", cfg)
     pcfg = prepare_config(cfg, data)
     style = pcfg.prompts.sequential_style
@@ -672,7 +688,10 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     elif not tok_path.exists():
         texts = example_dataset(cfg.data, pcfg, split="train", epoch=0, families=cfg.families,
                                 log=lambda *a: None).limit(30_000).to_pandas()
-        corpus = list(texts["source"]) + list(texts["target"]) + data.id_texts
+        # every family's template words too, whatever this run trains: a later fine-tune's prompts are made of
+        # learnt pieces (and the byte fallback reads any other text without <unk>)
+        corpus = list(texts["source"]) + list(texts["target"]) + data.id_texts + 2 * template_words(
+            pcfg.prompts.templates_dir or None)
         items = data.id_texts if cfg.item_token_mode == "token" else None
         if rated:  # one token per rating value of the scale, beside the item tokens
             items = (items or []) + rating_tokens(pcfg.rating_min, pcfg.rating_max)
@@ -694,14 +713,14 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     # one lazy stream that every epoch iterates again: its tasks read the epoch from a clock actor the
     # loop sets, so each pass re-draws its examples (see augment.make_epoch_clock); blocks in random
     # order, and the loop's local shuffle buffer (seeded per epoch) mixes the task families of a batch
-    counts = counts or family_counts(cfg.data, pcfg, cfg.families, log)
+    counts = counts or family_counts(cfg.data, pcfg, cfg.families, log, users_share=cfg.users_share)
     keep = mixing_weights(counts, cfg)
     per_epoch = sum(n * keep.get(f, 1.0) for f, n in counts.items())
     log("pretrain: examples per epoch " + ", ".join(f"{f} {counts[f] * keep[f]:.0f}/{counts[f]}" for f in counts))
     clock_name = f"recflm-epoch-{name}-{uuid.uuid4().hex[:8]}"
     clock = make_epoch_clock(clock_name)
     train_ds = example_dataset(cfg.data, pcfg, split="train", epoch=clock_name, families=cfg.families,
-                               log=lambda *a: None, keep=keep)
+                               log=lambda *a: None, keep=keep, users_share=cfg.users_share)
     train_ds = train_ds.randomize_block_order()  # unseeded: a new block order every pass
     workers = max(1, cfg.workers)
     steps_per_epoch = max(1, math.ceil(per_epoch / (cfg.batch_size * workers * cfg.grad_accum)))
@@ -710,8 +729,10 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    val_ds = example_dataset(cfg.data, pcfg, split="valid", families=[f for f in cfg.families if f != "span"],
-                             log=lambda *a: None).limit(cfg.val_examples).materialize()
+    self_supervised = cfg.objective == "self-supervised"  # validated by the span loss of the valid items
+    val_ds = example_dataset(cfg.data, pcfg, split="valid",
+                             families=cfg.families if self_supervised else [f for f in cfg.families if f != "span"],
+                             log=lambda *a: None, users_share=cfg.users_share).limit(cfg.val_examples).materialize()
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     if store:
         store.write("config.json", (run_dir / "config.json").read_bytes())
@@ -727,7 +748,10 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
                 "dense_rating_templates": [t.id for t in temps["rating"] if is_dense_rating(t)],
                 "rating_window": pcfg.prompts.rating_window,
                 "epoch_clock": clock_name,
-                "val_rank": _val_ranking(data, pcfg, cfg.val_users, cfg.seed), "catalog_ids": data.id_texts,
+                # no next-item validation of a model that learns no prompt: the best epoch is the lowest val loss
+                "val_rank": [] if self_supervised else _val_ranking(data, pcfg, cfg.val_users, cfg.seed,
+                                                                     cfg.users_share),
+                "catalog_ids": data.id_texts,
                 "init_bundle": str(Path(cfg.init_bundle).resolve()) if cfg.init_bundle else ""}
     return TrainSetup(cfg, name, storage, run_dir, {"train": train_ds, "val": val_ds}, loop_cfg, clock)
 
@@ -784,7 +808,8 @@ def export_bundle(cfg: TrainConfig, checkpoint, run_dir: str | Path, out: str | 
                         "storage_path": cfg.storage_path if "://" in cfg.storage_path else str(run_dir.parent)},
                 "metrics": last, "exported": "best" if use_best else "last",
                 "inference": inference_settings(prepare_config(cfg, data)),
-                "init_bundle": cfg.init_bundle or None, **(extra or {})}
+                "init_bundle": cfg.init_bundle or None, "objective": cfg.objective, "families": list(cfg.families),
+                **(extra or {})}
     templates = (Path(cfg.init_bundle) / "templates" if cfg.init_bundle
                  else prepare_config(cfg, data).prompts.templates_dir or None)
     tok = RecTokenizer.load(run_dir / "tokenizer.json")
@@ -820,14 +845,20 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (config key: workers)")
     p.add_argument("--gpu", action="store_true", help="train on GPUs (NCCL, bf16 autocast)")
     p.add_argument("--storage-path", help="checkpoint storage: a path or URI such as s3://bucket/runs")
+    if name == "pretrain":
+        p.add_argument("--objective", choices=list(OBJECTIVES),
+                       help="supervised: the task families' prompts (default); self-supervised: masked-item spans "
+                            "of the raw training sequences only, for a later finetune (config key: objective)")
     if name == "finetune":
         p.add_argument("--bundle", required=True, help="the bundle to start from")
+        p.add_argument("--users-share", type=float,
+                       help="train on this seeded share of the users only, e.g. 0.1 (config key: users_share)")
         p.add_argument("--tasks", help="comma-separated task families to train, e.g. sequential,direct")
 
 
 def command(args) -> int:
     cfg = flags_into(load_config(TrainConfig, args.config, args.overrides), args,
-                     ("data", "out", "name", "preset", "workers", "storage_path"))
+                     ("data", "out", "name", "preset", "workers", "storage_path", "objective", "users_share"))
     more = {"gpu": True} if args.gpu else {}
     if args.command == "finetune":
         more["init_bundle"] = args.bundle

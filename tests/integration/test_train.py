@@ -155,3 +155,43 @@ def test_a_run_on_uri_storage_keeps_its_tokenizer_and_config_there(bundled_datas
     assert s2.loop_cfg["tokenizer"] == stored.read_text()
     with pytest.raises(ConfigError, match="vocab_size"):  # the stored config guards the resume
         setup(cfg(data, tmp_path, **small, vocab_size=700), log=lambda *a: None)
+
+
+def test_self_supervised_pretrain_then_finetune_on_a_share_of_the_users(bundled_dataset, tmp_path):
+    """Two stages: masked-item spans of the raw sequences only (no prompt family, validated by the span loss
+    of the valid items), whose tokenizer still encodes every family's prompts without <unk>; then a
+    fine-tune of that bundle on a labelled family with 30% of the users."""
+    from recflm.augment import example_dataset, labelled_users
+    from recflm.config import PrepareConfig
+    from recflm.dataset import PreparedData
+    from recflm.tokenizer import UNK
+
+    data, _, _ = bundled_dataset
+    ss = cfg(data, tmp_path, workers=0, max_steps=20, name="ss", objective="self-supervised", item_token_mode="token",
+             families=["sequential", "rating"])  # the objective decides: its families are span only
+    out = run(ss, log=lambda *a: None)
+    b = load_bundle(out)
+    assert b.manifest["objective"] == "self-supervised" and b.manifest["families"] == ["span"]
+    h = history(ss)
+    assert {k for m in h for k in m if k.startswith("loss/")} == {"loss/span"}
+    val = [m for m in h if "val_loss" in m]
+    assert val and val[-1]["val_loss"] > 0 and val[-1]["best_val_ndcg10"] == -val[-1]["val_loss"]  # by val loss
+    # every family's prompts, seen and held out, with the item tokens: no <unk> anywhere
+    ex = example_dataset(data, PrepareConfig(), split="valid", held_out=None, log=lambda *a: None).to_pandas()
+    assert set(ex["family"]) >= {"rating", "sequential", "direct", "explanation"}
+    unk = b.tokenizer.hf.token_to_id(UNK)
+    enc = b.tokenizer.encode_batch(list(ex["source"]) + list(ex["target"]), with_whole_word=False)
+    assert not (enc["input_ids"] == unk).any()
+    # the fine-tune: 30% of the users, the bundle's tokenizer and weights
+    ft = cfg(data, tmp_path, workers=0, max_steps=10, name="ft", out=str(tmp_path / "ft"), init_bundle=str(out),
+             families=["sequential"], users_share=0.3, prompts={"sequential_style": "dense"})
+    fb = load_bundle(run(ft, log=lambda *a: None))
+    assert fb.manifest["init_bundle"] == str(out) and fb.manifest["objective"] == "supervised"
+    assert fb.tokenizer.to_str() == b.tokenizer.to_str()
+    assert {k for m in history(ft) for k in m if k.startswith("loss/")} == {"loss/sequential"}
+    seed = PrepareConfig().seed  # the dataset's seed draws the share
+    users = PreparedData.open(data).sequences_pandas(columns=["user"])["user"]
+    assert 0.2 < labelled_users(users, seed, 0.3).mean() < 0.4
+    train = example_dataset(data, PrepareConfig(), split="train", families=["sequential"], log=lambda *a: None,
+                            users_share=0.3).to_pandas()
+    assert len(train) and labelled_users(train["user"].unique(), seed, 0.3).all()

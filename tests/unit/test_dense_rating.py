@@ -152,8 +152,11 @@ def test_free_text_never_writes_a_rating_token(tok):
     torch.manual_seed(0)
     model = build_model("tiny", tok.vocab_size, tok.pad_id, tok.eos_id, dropout_rate=0.0).eval()
     r = tok.item_token_ids(["<rating_4.0>"])[0]
-    with torch.no_grad():
-        model.lm_head.weight[r] = model.decoder.final_layer_norm.weight.sign() * 5.0  # the top logit everywhere
+    def favour(module, inputs, logits):  # the rating token's logit on top everywhere
+        logits[..., r] += 100.0
+        return logits
+
+    model.lm_head.register_forward_hook(favour)
     src = ["Rate each item of this user's history"]
     favoured = model.generate(**tok.encode_batch(src), max_new_tokens=3, do_sample=False)[0].tolist()
     assert r in favoured  # without the ban the model writes it

@@ -103,3 +103,22 @@ def test_bad_bundles_give_clear_errors(tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
     with pytest.raises(BundleError, match="pickled weights are never loaded"):
         load_bundle(d)
+
+
+def test_byte_fallback_reads_any_text_without_unk_and_decodes_it_back():
+    """A tokenizer trained on one stage's texts (here: span prompts only) encodes what any later stage
+    sends: letters, accents, CJK and emoji it never saw become byte tokens, never <unk>."""
+    from recflm.tokenizer import BYTE_TOKENS, UNK
+
+    span_only = train_tokenizer(["Fill in the masked items in the sequence of user_1: 12, <mask>, 15"] * 20,
+                                vocab_size=60, item_tokens=["12", "15"])
+    unk = span_only.hf.token_to_id(UNK)
+    assert all(span_only.hf.token_to_id(b) is not None for b in BYTE_TOKENS)
+    for text in ["Which star rating will user_7 give item 12? (1 being lowest)", "Zoë's café: 日本 😀 quiz!",
+                 "Write a short summary for this review by user_x: Great JERKY, would buy again."]:
+        ids = span_only.hf.encode(text, add_special_tokens=False).ids
+        assert unk not in ids and span_only.decode(ids) == text
+    # a byte token is a piece of a character, not a word of its own: one whole-word index per word
+    assert max(span_only.encode_batch(["日本 😀"])["whole_word_ids"][0].tolist()) == 2
+    # the vocabulary size counts the learnt pieces; the 256 byte tokens come on top
+    assert span_only.vocab_size <= 60 + len(BYTE_TOKENS) + 2
