@@ -54,6 +54,7 @@ class EvalConfig:
     text_examples: int = 300  # rating / explanation / review examples, and yes/no users, evaluated (0: all)
     cold_users: int = 500  # users asked again with only their last k items (sequential/last-k; 0: all)
     cold_ks: list = field(default_factory=lambda: [3, 5])  # the k of the cold-start slices and rows
+    families: list = field(default_factory=list)  # evaluate these families only, e.g. [sequential] (empty: all)
     baselines: bool = False
     two_tower_epochs: int = 20  # training budget of the baselines (passes over the training interactions)
     sasrec_epochs: int = 200  # SASRec's most epochs; it stops early on validation NDCG@10 (the valid split)
@@ -94,7 +95,7 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
     from .augment import EVAL_CANDIDATES, SPLIT_CODE, sample_negatives, example_rng, example_dataset
     from .config import PromptConfig
     from .dataset import PreparedData
-    from .prompts import (format_rating, is_rated, load_templates, rated_positions, rating_input, rating_template,
+    from .prompts import (FAMILIES, format_rating, is_rated, load_templates, rated_positions, rating_input, rating_template,
                           sequential_input, sequential_template)
 
     data = PreparedData.open(data_dir)
@@ -102,7 +103,11 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
     temps = load_templates(templates_dir)
     ids = data.id_texts
     inference = inference or {}
-    rated = inference.get("rating") == "dense" and "rating" in data.families and "rating" in temps
+    wanted = lambda fam: not cfg.families or fam in cfg.families  # noqa: E731
+    unknown = [f for f in cfg.families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"families: unknown family {unknown[0]!r} (known: {', '.join(FAMILIES)})")
+    rated = wanted("rating") and inference.get("rating") == "dense" and "rating" in data.families and "rating" in temps
     seqs = data.sequences_pandas(columns=["user", "index", "n_train", "items", "ratings"])
     off = SPLIT_CODE[cfg.split] - 1
     seqs = seqs[seqs["index"].map(len) > seqs["n_train"] + off].reset_index(drop=True)
@@ -124,7 +129,7 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
     short_users = set(seqs["user"].sample(n=min(cfg.cold_users, len(seqs)), random_state=cfg.seed)
                       if cfg.cold_users else seqs["user"])
     yesno_users = set(seqs["user"].sample(n=min(cfg.text_examples, len(seqs)), random_state=cfg.seed)
-                      if cfg.text_examples else seqs["user"])
+                      if cfg.text_examples else seqs["user"]) if wanted("direct") else set()
     rows, rating_rows = [], []
     for user, index, n_train, keys, ratings in seqs.itertuples(index=False):
         index = [int(i) for i in index]
@@ -143,12 +148,12 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
                                     "truth": -1, "history": [], "exclude": [], "candidates": [],
                                     "target": format_rating(min(max(float(ratings[t]), lo), hi))})
         for kind, temp in seq_t.items():
-            if temp is None:
+            if temp is None or not wanted("sequential"):
                 continue
             src, prefix = sequential_input(temp, user, [ids[i] for i in hist], H)
             rows.append({**common, "task": f"sequential/{kind}", "source": src, "prefix": prefix or [],
                          "truth": index[t], "exclude": excl, "candidates": [], "target": ids[index[t]]})
-        if user in short_users and seq_t["seen"] is not None:
+        if user in short_users and seq_t["seen"] is not None and wanted("sequential"):
             for k in cfg.cold_ks:  # a user who has only the last k items (the earlier ones are unknown)
                 if len(hist) > k:
                     src, prefix = sequential_input(seq_t["seen"], user, [ids[i] for i in hist[-k:]], H)
@@ -163,7 +168,7 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
         urng.shuffle(shown)
         fields = {"user": user, "history": ", ".join(ids[i] for i in hist[-5:]), "item": ids[index[t]],
                   "candidates": ", ".join(ids[i] for i in shown)}
-        for suffix in ("", HELD_OUT):
+        for suffix in ("", HELD_OUT) if wanted("direct") else ():
             if direct_by_seq:  # the candidates ranked by the model's next-item scores after the history
                 temp = seq_t["seen" if not suffix else "held-out"]
                 src, prefix = sequential_input(temp, user, [ids[i] for i in hist], H) if temp else (None, None)
@@ -192,8 +197,8 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
         part = pd.DataFrame(rating_rows)
         users = _sample(part[part["task"] == "rating"], cfg.text_examples, cfg.seed)["user"]
         rows += part[part["user"].isin(set(users))].to_dict("records")
-    fams = [f for f in ("rating", "explanation", "review") if f in data.families and f in temps
-            and not (f == "rating" and rated)]
+    fams = [f for f in ("rating", "explanation", "review") if f in data.families and f in temps and wanted(f)
+            and not (f == "rating" and inference.get("rating") == "dense")]
     if fams:
         targets = {t.id: t.target for ts in temps.values() for t in ts}
         for suffix, held in (("", False), (HELD_OUT, True)):

@@ -693,7 +693,9 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         corpus = list(texts["source"]) + list(texts["target"]) + data.id_texts + 2 * template_words(
             pcfg.prompts.templates_dir or None)
         items = data.id_texts if cfg.item_token_mode == "token" else None
-        if rated:  # one token per rating value of the scale, beside the item tokens
+        # one token per rating value of the scale, beside the item tokens (a self-supervised pretrain too, where
+        # the data has ratings: a later fine-tune of the dense rating style reads them)
+        if rated or (cfg.objective == "self-supervised" and items and "rating" in data.families):
             items = (items or []) + rating_tokens(pcfg.rating_min, pcfg.rating_max)
         train_tokenizer(corpus, cfg.vocab_size, item_tokens=items).save(tok_path)
         log(f"pretrain: tokenizer trained on {len(corpus)} texts -> {tok_path}")

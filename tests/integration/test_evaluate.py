@@ -88,6 +88,12 @@ def test_evaluation_rows_ask_every_family_seen_and_held_out(bundled_dataset):
     counts = inter[inter["split"] == "train"]["item"].value_counts()
     seen = by["sequential/seen"]
     assert all(c == counts.get(i, 0) for i, c in zip(seen["item"], seen["item_count"]))
+    # a chosen family only
+    only, _ = build_rows(str(data), str(TEMPLATES_DIR), EvalConfig(max_users=5, families=["sequential"], cold_ks=[]),
+                         log=lambda *a: None)
+    assert set(only["task"]) == {"sequential/seen", "sequential/held-out"}
+    with pytest.raises(ValueError, match="unknown family 'ratings'"):
+        build_rows(str(data), str(TEMPLATES_DIR), EvalConfig(families=["ratings"]), log=lambda *a: None)
 
 
 def test_a_failing_baseline_keeps_the_model_results(bundled_dataset, tiny_bundle, tmp_path, monkeypatch):

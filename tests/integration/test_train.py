@@ -182,6 +182,8 @@ def test_self_supervised_pretrain_then_finetune_on_a_share_of_the_users(bundled_
     unk = b.tokenizer.hf.token_to_id(UNK)
     enc = b.tokenizer.encode_batch(list(ex["source"]) + list(ex["target"]), with_whole_word=False)
     assert not (enc["input_ids"] == unk).any()
+    from recflm.prompts import rating_tokens  # and the dense rating style's tokens, for a fine-tune that rates
+    assert len(b.tokenizer.item_token_ids(rating_tokens(1.0, 5.0))) == 41
     # the fine-tune: 30% of the users, the bundle's tokenizer and weights
     ft = cfg(data, tmp_path, workers=0, max_steps=10, name="ft", out=str(tmp_path / "ft"), init_bundle=str(out),
              families=["sequential"], users_share=0.3, prompts={"sequential_style": "dense"})

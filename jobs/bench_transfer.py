@@ -1,0 +1,170 @@
+"""Benchmark: does self-supervised pretraining help? Fine-tuning from a self-supervised bundle vs training
+from scratch, at the same fine-tune budget, with a share of the labelled users.
+
+On the data you name (the bundled MovieLens data, or any interaction table, as ``jobs.bench_quality``):
+
+1. ``recflm prepare`` (leave-one-out split) once;
+2. a self-supervised pretrain (``objective: self-supervised``: masked-item spans of every user's *training*
+   sequence, no labelled family, best epoch by the span loss of the valid items) for ``--pretrain-minutes``;
+3. for each share p of ``--shares`` (default 0.1, 0.3, 1): the quality recipe (``--recipe``, default
+   ``jobs/configs/pretrain_quality.yaml``) trained on a seeded share p of the users (``users_share``; its
+   validation users from that share too), once from scratch and once fine-tuned from the step-2 bundle,
+   each for ``--finetune-minutes`` (both stop then, or earlier by the recipe's early stopping, and
+   export their best epoch);
+4. ``recflm evaluate`` of every bundle on the test split of *all* users (full ranking, seen items excluded).
+
+The test items are never trained on, in either stage (the pretrain reads training sequences only). It prints
+one table (a row per share: NDCG@10 and HR@10 from scratch and pretrained, the change, the epochs each
+trained) and the last line ``SUMMARY bench_transfer ndcg10 p=0.1:scratch/pretrained ... minutes=M``.
+
+    python -m jobs.bench_transfer --bundled
+    python -m jobs.bench_transfer --table ../shared/data/amazon-toys-s3rec/Toys_and_Games_interactions.csv.gz \\
+        --columns user=user,item=item,ts=ts --out runs/transfer_toys --pretrain-minutes 10 --finetune-minutes 6
+
+Under ``--out DIR`` (default runs/transfer): ``data/``, ``train/``, ``ss_bundle/``, ``scratch_<p>/``,
+``pretrained_<p>/`` (each bundle with its ``metrics_test.json``) and ``bench_transfer.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from jobs.bench_quality import build_parser as quality_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = quality_parser()
+    ap.prog = "python -m jobs.bench_transfer"
+    ap.description = __doc__.split("\n")[0]
+    ap.set_defaults(out="runs/transfer")
+    ap.add_argument("--shares", default="0.1,0.3,1", metavar="P,P,...",
+                    help="shares of the labelled users the recipe trains on (default 0.1,0.3,1)")
+    ap.add_argument("--pretrain-minutes", type=float, default=6.0, metavar="N",
+                    help="the self-supervised pretrain's time limit (default 6)")
+    ap.add_argument("--finetune-minutes", type=float, default=3.0, metavar="N",
+                    help="each fine-tune's and each scratch run's time limit: the same budget (default 3)")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.table and not args.columns:
+        ap.error("--table needs --columns (e.g. --columns user=user,item=item,ts=ts)")
+    try:
+        args.share_list = [float(x) for x in args.shares.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--shares {args.shares!r}: expected numbers in (0, 1], e.g. 0.1,0.3,1")
+    if not args.share_list or not all(0 < p <= 1 for p in args.share_list):
+        ap.error(f"--shares {args.shares!r}: expected numbers in (0, 1], e.g. 0.1,0.3,1")
+    if args.pretrain_minutes <= 0 or args.finetune_minutes <= 0:
+        ap.error("--pretrain-minutes and --finetune-minutes must be > 0 (a fair comparison needs one budget)")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        ap.error(f"override {bad[0]!r} is not of the form key=value")
+    return args
+
+
+def configs(args, stamp: int):
+    """(prepare config, the self-supervised pretrain's config, run(kind, share) -> (train, evaluate) configs)."""
+    from jobs.bench_quality import configs as quality_configs
+
+    args.budget_minutes = 0  # each run here has its own limit
+    pcfg, tcfg, _ = quality_configs(args, stamp)
+    out = Path(args.out)
+    ss = dataclasses.replace(tcfg, objective="self-supervised", max_minutes=args.pretrain_minutes,
+                             name=f"ss_{stamp}", out=str(out / "ss_bundle"))
+
+    def run(kind: str, share: float):
+        from recflm.evaluate import EvalConfig
+
+        t = dataclasses.replace(tcfg, users_share=share, max_minutes=args.finetune_minutes,
+                                name=f"{kind}_{share:g}_{stamp}", out=str(out / f"{kind}_{share:g}"),
+                                init_bundle=ss.out if kind == "pretrained" else "")
+        e = EvalConfig(bundle=t.out, data=t.data, split="test", max_users=0, cold_ks=[], families=["sequential"],
+                       out=str(Path(t.out) / "metrics_test.json"))
+        return t, e
+
+    return pcfg, ss, run
+
+
+def _metric(res: dict, name: str):
+    return res.get("recflm", {}).get("sequential/seen", {}).get(name)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'users':>6} {'share':>6} {'scratch NDCG@10':>16} {'HR@10':>7} {'pretrained NDCG@10':>19} "
+            f"{'HR@10':>7} {'change':>8} {'epochs s/p':>11}")
+    lines = ["sequential full ranking on the test split of every user (seen items excluded); the same "
+             "fine-tune budget", head, "-" * len(head)]
+    for r in rows:
+        s, p = r["scratch"], r["pretrained"]
+        change = f"{(p['ndcg10'] / s['ndcg10'] - 1) * 100:+.0f}%" if s["ndcg10"] else "—"
+        lines.append(f"{r['users']:>6} {r['share']:>6g} {s['ndcg10']:>16.4f} {s['hr10']:>7.4f} {p['ndcg10']:>19.4f} "
+                     f"{p['hr10']:>7.4f} {change:>8} {str(s['epochs']) + '/' + str(p['epochs']):>11}")
+    return "\n".join(lines)
+
+
+def summary_line(rows: list[dict], minutes: float) -> str:
+    parts = " ".join(f"p={r['share']:g}:{r['scratch']['ndcg10']:.4f}/{r['pretrained']['ndcg10']:.4f}" for r in rows)
+    return f"SUMMARY bench_transfer ndcg10 scratch/pretrained {parts} minutes={minutes:.1f}"
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    args = parse_args(argv)
+    from recflm.config import ConfigError, to_dict
+    from recflm.evaluate import run as run_evaluate
+    from recflm.prepare import PrepareError, run as run_prepare
+    from recflm.readers import SourceError
+    from recflm.train import run as run_train
+
+    t_all, stamp = time.perf_counter(), int(time.time())
+    try:
+        pcfg, ss, run = configs(args, stamp)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        stats = run_prepare(pcfg)
+        print(f"bench_transfer: {stats.get('users')} users, {stats.get('items')} items; self-supervised pretrain "
+              f"{args.pretrain_minutes:g} min, then {args.finetune_minutes:g} min per run")
+        t = time.perf_counter()
+        run_train(ss)
+        ss_minutes = (time.perf_counter() - t) / 60
+        rows = []
+        for share in args.share_list:
+            row = {"share": share}
+            for kind in ("scratch", "pretrained"):
+                tcfg, ecfg = run(kind, share)
+                t = time.perf_counter()
+                run_train(tcfg)
+                train_s = time.perf_counter() - t
+                res = run_evaluate(ecfg, log=lambda *a: None)["results"]
+                hist = json.loads((Path(tcfg.storage_path) / tcfg.name / "metrics.json").read_text())
+                epochs = [m for m in hist if "val_ndcg10" in m]
+                row["users"] = res["recflm"]["sequential/seen"]["n"]
+                row[kind] = {"ndcg10": _metric(res, "NDCG@10"), "hr10": _metric(res, "HR@10"),
+                             "epochs": len(epochs), "best_epoch": epochs[-1].get("best_epoch") if epochs else None,
+                             "train_seconds": round(train_s, 1), "bundle": tcfg.out, "config": to_dict(tcfg)}
+                print(f"bench_transfer: share {share:g} {kind}: NDCG@10 {row[kind]['ndcg10']:.4f} "
+                      f"({len(epochs)} epochs, {train_s / 60:.1f} min)")
+            rows.append(row)
+    except (ConfigError, SourceError, PrepareError, FileNotFoundError) as e:
+        print(f"bench_transfer: error: {e}")
+        return 2
+    minutes = (time.perf_counter() - t_all) / 60
+    print(format_table(rows))
+    line = summary_line(rows, minutes)
+    Path(args.out, "bench_transfer.json").write_text(json.dumps(
+        {"source": args.table or "bundled", "rows": rows, "pretrain_minutes": args.pretrain_minutes,
+         "ss_train_minutes": round(ss_minutes, 2), "finetune_minutes": args.finetune_minutes,
+         "self_supervised_config": to_dict(ss), "minutes": round(minutes, 2), "summary": line},
+        indent=2, default=float))
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

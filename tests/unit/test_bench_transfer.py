@@ -1,0 +1,37 @@
+"""jobs.bench_transfer's runs (no training here): one budget for scratch and fine-tune, the shares, the stages."""
+import pytest
+
+from jobs.bench_transfer import configs, format_table, parse_args, summary_line
+
+
+def test_runs_share_one_budget_and_differ_only_in_their_start(tmp_path):
+    args = parse_args(["--bundled", "--out", str(tmp_path), "--shares", "0.1,1", "--finetune-minutes", "2.5",
+                       "--pretrain-minutes", "4", "lr=0.002"])
+    assert args.share_list == [0.1, 1.0]
+    pcfg, ss, run = configs(args, stamp=7)
+    assert ss.objective == "self-supervised" and ss.max_minutes == 4 and ss.out == str(tmp_path / "ss_bundle")
+    scratch, e1 = run("scratch", 0.1)
+    pre, e2 = run("pretrained", 0.1)
+    assert scratch.users_share == pre.users_share == 0.1 and scratch.max_minutes == pre.max_minutes == 2.5
+    assert scratch.init_bundle == "" and pre.init_bundle == ss.out and scratch.lr == pre.lr == ss.lr == 0.002
+    assert scratch.objective == pre.objective == "supervised" and scratch.name != pre.name
+    # evaluation: every user's test item, whatever share trained
+    assert e1.max_users == 0 and e1.split == "test" and e1.bundle == scratch.out and e2.bundle == pre.out
+    assert e1.families == ["sequential"] and e1.cold_ks == []  # what the table reports, nothing else
+    assert pcfg.out == scratch.data == ss.data
+
+
+@pytest.mark.parametrize("argv, message", [(["--shares", "0,0.5"], "--shares"), (["--shares", "a"], "--shares"),
+                                           (["--finetune-minutes", "0"], "must be > 0")])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--bundled", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_table_and_summary():
+    rows = [{"share": 0.1, "users": 610, "scratch": {"ndcg10": 0.02, "hr10": 0.04, "epochs": 5},
+             "pretrained": {"ndcg10": 0.03, "hr10": 0.05, "epochs": 4}}]
+    table = format_table(rows)
+    assert "+50%" in table and "5/4" in table
+    assert summary_line(rows, 12.34) == "SUMMARY bench_transfer ndcg10 scratch/pretrained p=0.1:0.0200/0.0300 minutes=12.3"
