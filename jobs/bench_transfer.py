@@ -5,12 +5,13 @@ On the data you name (the bundled MovieLens data, or any interaction table, as `
 
 1. ``recflm prepare`` (leave-one-out split) once;
 2. a self-supervised pretrain (``objective: self-supervised``: masked-item spans of every user's *training*
-   sequence, no labelled family, best epoch by the span loss of the valid items) for ``--pretrain-minutes``;
+   sequence, every window of them, no labelled family, best epoch by the span loss of the valid items) for
+   ``--pretrain-steps`` optimizer steps;
 3. for each share p of ``--shares`` (default 0.1, 0.3, 1): the quality recipe (``--recipe``, default
    ``jobs/configs/pretrain_quality.yaml``) trained on a seeded share p of the users (``users_share``; its
    validation users from that share too), once from scratch and once fine-tuned from the step-2 bundle,
-   each for ``--finetune-minutes`` (both stop then, or earlier by the recipe's early stopping, and
-   export their best epoch);
+   each for ``--finetune-steps`` optimizer steps (or fewer, by the recipe's early stopping; both export their
+   best epoch). The budget is steps, not minutes: on a shared machine two runs' minutes are not the same work;
 4. ``recflm evaluate`` of every bundle on the test split of *all* users (full ranking, seen items excluded).
 
 The test items are never trained on, in either stage (the pretrain reads training sequences only). It prints
@@ -19,7 +20,7 @@ trained) and the last line ``SUMMARY bench_transfer ndcg10 p=0.1:scratch/pretrai
 
     python -m jobs.bench_transfer --bundled
     python -m jobs.bench_transfer --table ../shared/data/amazon-toys-s3rec/Toys_and_Games_interactions.csv.gz \\
-        --columns user=user,item=item,ts=ts --out runs/transfer_toys --pretrain-minutes 10 --finetune-minutes 6
+        --columns user=user,item=item,ts=ts --out runs/transfer_toys --pretrain-steps 3000 --finetune-steps 1500
 
 Under ``--out DIR`` (default runs/transfer): ``data/``, ``train/``, ``ss_bundle/``, ``scratch_<p>/``,
 ``pretrained_<p>/`` (each bundle with its ``metrics_test.json``) and ``bench_transfer.json``.
@@ -43,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.set_defaults(out="runs/transfer")
     ap.add_argument("--shares", default="0.1,0.3,1", metavar="P,P,...",
                     help="shares of the labelled users the recipe trains on (default 0.1,0.3,1)")
-    ap.add_argument("--pretrain-minutes", type=float, default=6.0, metavar="N",
-                    help="the self-supervised pretrain's time limit (default 6)")
-    ap.add_argument("--finetune-minutes", type=float, default=3.0, metavar="N",
-                    help="each fine-tune's and each scratch run's time limit: the same budget (default 3)")
+    ap.add_argument("--pretrain-steps", type=int, default=1500, metavar="N",
+                    help="the self-supervised pretrain's optimizer steps (default 1500)")
+    ap.add_argument("--finetune-steps", type=int, default=600, metavar="N",
+                    help="each fine-tune's and each scratch run's optimizer steps: the same budget (default 600)")
+    ap.add_argument("--max-minutes", type=float, default=0.0, metavar="N",
+                    help="a time limit of every run on top of its steps (default 0: none; a time budget is not "
+                         "the same budget for two runs on a shared machine, steps are)")
     return ap
 
 
@@ -61,8 +65,8 @@ def parse_args(argv=None):
         ap.error(f"--shares {args.shares!r}: expected numbers in (0, 1], e.g. 0.1,0.3,1")
     if not args.share_list or not all(0 < p <= 1 for p in args.share_list):
         ap.error(f"--shares {args.shares!r}: expected numbers in (0, 1], e.g. 0.1,0.3,1")
-    if args.pretrain_minutes <= 0 or args.finetune_minutes <= 0:
-        ap.error("--pretrain-minutes and --finetune-minutes must be > 0 (a fair comparison needs one budget)")
+    if args.pretrain_steps <= 0 or args.finetune_steps <= 0:
+        ap.error("--pretrain-steps and --finetune-steps must be > 0 (a fair comparison needs one budget)")
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         ap.error(f"override {bad[0]!r} is not of the form key=value")
@@ -76,13 +80,14 @@ def configs(args, stamp: int):
     args.budget_minutes = 0  # each run here has its own limit
     pcfg, tcfg, _ = quality_configs(args, stamp)
     out = Path(args.out)
-    ss = dataclasses.replace(tcfg, objective="self-supervised", max_minutes=args.pretrain_minutes,
+    ss = dataclasses.replace(tcfg, objective="self-supervised", max_steps=args.pretrain_steps,
+                             max_minutes=args.max_minutes,
                              name=f"ss_{stamp}", out=str(out / "ss_bundle"))
 
     def run(kind: str, share: float):
         from recflm.evaluate import EvalConfig
 
-        t = dataclasses.replace(tcfg, users_share=share, max_minutes=args.finetune_minutes,
+        t = dataclasses.replace(tcfg, users_share=share, max_steps=args.finetune_steps, max_minutes=args.max_minutes,
                                 name=f"{kind}_{share:g}_{stamp}", out=str(out / f"{kind}_{share:g}"),
                                 init_bundle=ss.out if kind == "pretrained" else "")
         e = EvalConfig(bundle=t.out, data=t.data, split="test", max_users=0, cold_ks=[], families=["sequential"],
@@ -129,7 +134,7 @@ def main(argv=None) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         stats = run_prepare(pcfg)
         print(f"bench_transfer: {stats.get('users')} users, {stats.get('items')} items; self-supervised pretrain "
-              f"{args.pretrain_minutes:g} min, then {args.finetune_minutes:g} min per run")
+              f"{args.pretrain_steps} steps, then {args.finetune_steps} steps per run")
         t = time.perf_counter()
         run_train(ss)
         ss_minutes = (time.perf_counter() - t) / 60
@@ -158,8 +163,8 @@ def main(argv=None) -> int:
     print(format_table(rows))
     line = summary_line(rows, minutes)
     Path(args.out, "bench_transfer.json").write_text(json.dumps(
-        {"source": args.table or "bundled", "rows": rows, "pretrain_minutes": args.pretrain_minutes,
-         "ss_train_minutes": round(ss_minutes, 2), "finetune_minutes": args.finetune_minutes,
+        {"source": args.table or "bundled", "rows": rows, "pretrain_steps": args.pretrain_steps,
+         "ss_train_minutes": round(ss_minutes, 2), "finetune_steps": args.finetune_steps,
          "self_supervised_config": to_dict(ss), "minutes": round(minutes, 2), "summary": line},
         indent=2, default=float))
     print(line)

@@ -251,14 +251,15 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                     hist = _augment_history(seq[max(0, t - H):t], rng, aug, ids, seen)
                     ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t]}
                     _emit(rows, "sequential", temps["sequential"], ex, rng.random(), held_out, {**meta, "item": items[t]})
-            if SPAN in families:
-                hist = seq[max(0, n_train - H):n_train]
-                width = int(rng.integers(1, min(3, len(hist) - 1) + 1))
-                s0 = int(rng.integers(0, len(hist) - width + 1))
-                masked = hist[:s0] + [MASK] + hist[s0 + width:]
-                rows.append({"family": SPAN, "template": SPAN, "target": ", ".join(hist[s0:s0 + width]),
-                             "source": SPAN_SOURCE.format(user=user, history=", ".join(masked)),
-                             **meta, "item": None})
+            if SPAN in families:  # the latest max_history items, or (span_windows) every window of them
+                for end in range(n_train, 1, -H) if prompts.span_windows else [n_train]:
+                    hist = seq[max(0, end - H):end]
+                    width = int(rng.integers(1, min(3, len(hist) - 1) + 1))
+                    s0 = int(rng.integers(0, len(hist) - width + 1))
+                    masked = hist[:s0] + [MASK] + hist[s0 + width:]
+                    rows.append({"family": SPAN, "template": SPAN, "target": ", ".join(hist[s0:s0 + width]),
+                                 "source": SPAN_SOURCE.format(user=user, history=", ".join(masked)),
+                                 **meta, "item": None})
             if "direct" in families:
                 for d in range(prompts.direct_per_user):
                     t = int(rng.integers(1, n_train))

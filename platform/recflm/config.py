@@ -76,6 +76,9 @@ class PromptConfig:
     # predicted from the user's earlier items and ratings; needs one token per item)
     rating_style: str = "prompt"
     rating_window: int = 25  # dense rating: (item, rating) pairs per target sequence
+    # span (masked items): one example per user and epoch (its latest max_history items), or, span_windows, one
+    # per window of max_history training items (the self-supervised objective: every item of the history in a window)
+    span_windows: bool = False
     max_text_chars: int = 400
     templates_dir: str = ""  # default: the templates shipped with the package
 

@@ -669,6 +669,8 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     if cfg.objective == "self-supervised" and cfg.families != SELF_SUPERVISED_FAMILIES:
         log(f"pretrain: objective self-supervised: families {SELF_SUPERVISED_FAMILIES} (not {cfg.families})")
         cfg.families = list(SELF_SUPERVISED_FAMILIES)
+    if cfg.objective == "self-supervised":  # every window of the training sequences is masked, not the latest only
+        cfg.prompts = {**cfg.prompts, "span_windows": True}
     _check_resumable(run_dir / "config.json", cfg)
     pcfg = prepare_config(cfg, data)
     style = pcfg.prompts.sequential_style

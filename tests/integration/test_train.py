@@ -176,6 +176,14 @@ def test_self_supervised_pretrain_then_finetune_on_a_share_of_the_users(bundled_
     assert {k for m in h for k in m if k.startswith("loss/")} == {"loss/span"}
     val = [m for m in h if "val_loss" in m]
     assert val and val[-1]["val_loss"] > 0 and val[-1]["best_val_ndcg10"] == -val[-1]["val_loss"]  # by val loss
+    # every window of max_history training items is masked (not the latest only), none reaching the valid item
+    from recflm.config import PromptConfig
+
+    assert json.loads((Path(ss.storage_path) / "ss" / "config.json").read_text())["prompts"]["span_windows"] is True
+    spans = example_dataset(data, PrepareConfig(prompts=PromptConfig(span_windows=True)), families=["span"],
+                            log=lambda *a: None).to_pandas()
+    n_users = spans["user"].nunique()
+    assert len(spans) > 2 * n_users and (spans["family"] == "span").all()
     # every family's prompts, seen and held out, with the item tokens: no <unk> anywhere
     ex = example_dataset(data, PrepareConfig(), split="valid", held_out=None, log=lambda *a: None).to_pandas()
     assert set(ex["family"]) >= {"rating", "sequential", "direct", "explanation"}

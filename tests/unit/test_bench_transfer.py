@@ -5,14 +5,14 @@ from jobs.bench_transfer import configs, format_table, parse_args, summary_line
 
 
 def test_runs_share_one_budget_and_differ_only_in_their_start(tmp_path):
-    args = parse_args(["--bundled", "--out", str(tmp_path), "--shares", "0.1,1", "--finetune-minutes", "2.5",
-                       "--pretrain-minutes", "4", "lr=0.002"])
+    args = parse_args(["--bundled", "--out", str(tmp_path), "--shares", "0.1,1", "--finetune-steps", "250",
+                       "--pretrain-steps", "400", "lr=0.002"])
     assert args.share_list == [0.1, 1.0]
     pcfg, ss, run = configs(args, stamp=7)
-    assert ss.objective == "self-supervised" and ss.max_minutes == 4 and ss.out == str(tmp_path / "ss_bundle")
+    assert ss.objective == "self-supervised" and ss.max_steps == 400 and ss.max_minutes == 0 and ss.out == str(tmp_path / "ss_bundle")
     scratch, e1 = run("scratch", 0.1)
     pre, e2 = run("pretrained", 0.1)
-    assert scratch.users_share == pre.users_share == 0.1 and scratch.max_minutes == pre.max_minutes == 2.5
+    assert scratch.users_share == pre.users_share == 0.1 and scratch.max_steps == pre.max_steps == 250
     assert scratch.init_bundle == "" and pre.init_bundle == ss.out and scratch.lr == pre.lr == ss.lr == 0.002
     assert scratch.objective == pre.objective == "supervised" and scratch.name != pre.name
     # evaluation: every user's test item, whatever share trained
@@ -22,7 +22,7 @@ def test_runs_share_one_budget_and_differ_only_in_their_start(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--shares", "0,0.5"], "--shares"), (["--shares", "a"], "--shares"),
-                                           (["--finetune-minutes", "0"], "must be > 0")])
+                                           (["--finetune-steps", "0"], "must be > 0")])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--bundled", *argv])
