@@ -22,6 +22,10 @@ trained) and the last line ``SUMMARY bench_transfer ndcg10 p=0.1:scratch/pretrai
     python -m jobs.bench_transfer --table ../shared/data/amazon-toys-s3rec/Toys_and_Games_interactions.csv.gz \\
         --columns user=user,item=item,ts=ts --out runs/transfer_toys --pretrain-steps 3000 --finetune-steps 1500
 
+Cross-domain: ``--source-bundle DIR`` fine-tunes from a self-supervised bundle of another source (e.g. the
+MovieLens run's ``ss_bundle``) instead of step 2; the data's catalog replaces the bundle's (``catalog=replace``:
+every item token starts from a fresh vector, the layers and the prompt tokens transfer).
+
 Under ``--out DIR`` (default runs/transfer): ``data/``, ``train/``, ``ss_bundle/``, ``scratch_<p>/``,
 ``pretrained_<p>/`` (each bundle with its ``metrics_test.json``) and ``bench_transfer.json``.
 """
@@ -48,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the self-supervised pretrain's optimizer steps (default 1500)")
     ap.add_argument("--finetune-steps", type=int, default=600, metavar="N",
                     help="each fine-tune's and each scratch run's optimizer steps: the same budget (default 600)")
+    ap.add_argument("--source-bundle", metavar="DIR",
+                    help="cross-domain: fine-tune from this self-supervised bundle (pretrained on another source, e.g. "
+                         "runs/transfer_ml/ss_bundle) instead of pretraining on the data: its catalog is replaced "
+                         "(every item of the data starts from a fresh vector; the layers transfer)")
     ap.add_argument("--max-minutes", type=float, default=0.0, metavar="N",
                     help="a time limit of every run on top of its steps (default 0: none; a time budget is not "
                          "the same budget for two runs on a shared machine, steps are)")
@@ -84,12 +92,22 @@ def configs(args, stamp: int):
                              max_minutes=args.max_minutes,
                              name=f"ss_{stamp}", out=str(out / "ss_bundle"))
 
+    source = args.source_bundle or ss.out
+
     def run(kind: str, share: float):
+        from recflm.bundle import catalog_relation
         from recflm.evaluate import EvalConfig
 
+        init = source if kind == "pretrained" else ""
+        catalog = "keep"
+        if init and args.source_bundle:  # another source's bundle: the data's catalog replaces its own
+            import pandas as pd
+
+            same = catalog_relation(pd.read_parquet(Path(init) / "items.parquet"), tcfg.data) == "same"
+            catalog = "keep" if same else "replace"
         t = dataclasses.replace(tcfg, users_share=share, max_steps=args.finetune_steps, max_minutes=args.max_minutes,
                                 name=f"{kind}_{share:g}_{stamp}", out=str(out / f"{kind}_{share:g}"),
-                                init_bundle=ss.out if kind == "pretrained" else "")
+                                init_bundle=init, catalog=catalog)
         e = EvalConfig(bundle=t.out, data=t.data, split="test", max_users=0, cold_ks=[], families=["sequential"],
                        out=str(Path(t.out) / "metrics_test.json"))
         return t, e
@@ -136,7 +154,10 @@ def main(argv=None) -> int:
         print(f"bench_transfer: {stats.get('users')} users, {stats.get('items')} items; self-supervised pretrain "
               f"{args.pretrain_steps} steps, then {args.finetune_steps} steps per run")
         t = time.perf_counter()
-        run_train(ss)
+        if args.source_bundle:
+            print(f"bench_transfer: fine-tuning from {args.source_bundle} (pretrained on another source)")
+        else:
+            run_train(ss)
         ss_minutes = (time.perf_counter() - t) / 60
         rows = []
         for share in args.share_list:
@@ -163,7 +184,7 @@ def main(argv=None) -> int:
     print(format_table(rows))
     line = summary_line(rows, minutes)
     Path(args.out, "bench_transfer.json").write_text(json.dumps(
-        {"source": args.table or "bundled", "rows": rows, "pretrain_steps": args.pretrain_steps,
+        {"source": args.table or "bundled", "source_bundle": args.source_bundle, "rows": rows, "pretrain_steps": args.pretrain_steps,
          "ss_train_minutes": round(ss_minutes, 2), "finetune_steps": args.finetune_steps,
          "self_supervised_config": to_dict(ss), "minutes": round(minutes, 2), "summary": line},
         indent=2, default=float))

@@ -82,6 +82,45 @@ def check_catalog(catalog: pd.DataFrame, data_dir: str | Path) -> None:
                           f"{diff} differ or are indexed differently): use the dataset the bundle was trained on")
 
 
+CATALOG_MODES = ("keep", "extend", "replace")
+
+
+def catalog_relation(catalog: pd.DataFrame, data_dir: str | Path) -> str:
+    """How a prepared dataset's catalog relates to a bundle's: ``same`` (the same items, indexed alike),
+    ``extends`` (the bundle's items with their indices and ID texts, then new ones after them, as ``prepare
+    --update`` writes) or ``other``."""
+    items = Path(data_dir) / "items.parquet"
+    if not items.is_file():
+        raise BundleError(f"{data_dir}: not a prepared dataset (no items.parquet)")
+    theirs = pd.read_parquet(items, columns=["item", "index", "id_text"]).sort_values("index").reset_index(drop=True)
+    ours = catalog[["item", "index", "id_text"]].sort_values("index").reset_index(drop=True)
+    head = theirs.iloc[:len(ours)]
+    if len(theirs) >= len(ours) and all((head[c].astype(str).to_numpy() == ours[c].astype(str).to_numpy()).all()
+                                        for c in ("item", "index", "id_text")):
+        return "same" if len(theirs) == len(ours) else "extends"
+    return "other"
+
+
+def check_catalog_mode(catalog: pd.DataFrame, data_dir: str | Path, mode: str) -> str:
+    """A fine-tune of a bundle on ``data_dir``: the relation of the catalogs (``catalog_relation``), or
+    ``BundleError`` where ``mode`` does not allow it. ``keep``: the same catalog; ``extend``: the same or one
+    that extends it; ``replace``: any (another domain: every item of the data is new to the model)."""
+    if mode not in CATALOG_MODES:
+        raise BundleError(f"catalog={mode!r}: expected one of {', '.join(CATALOG_MODES)}")
+    rel = catalog_relation(catalog, data_dir)
+    if mode == "keep" and rel != "same":
+        what = ("holds the bundle's items and new ones after them" if rel == "extends"
+                else "is another catalog (other items, or the same ones indexed otherwise)")
+        raise BundleError(f"{data_dir}: its catalog {what}, and the bundle's item IDs would name other items: "
+                          f"set catalog=extend (new items get new tokens) or catalog=replace (another domain: "
+                          f"every item is new to the model)")
+    if mode == "extend" and rel == "other":
+        raise BundleError(f"{data_dir}: its catalog does not extend the bundle's (its first items are not the "
+                          f"bundle's, with their IDs): catalog=extend needs a dataset from `recflm prepare --update`; "
+                          f"catalog=replace trains another domain's items from fresh vectors")
+    return rel
+
+
 def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
     p = Path(path)
     if not p.is_dir():

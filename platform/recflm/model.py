@@ -143,3 +143,36 @@ def build_model(preset: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def adapt_embeddings(model: RecT5, vocab_size: int, fresh: list, seed: int = 0) -> None:
+    """A bundle's model for a catalog it was not trained on: grow the token embeddings (and an untied output
+    layer) to ``vocab_size`` in place (the modules, and the hooks on them, stay), and give the new rows and the
+    rows of ``fresh`` (token ids: items the model never saw, whatever their ID text meant before) new vectors
+    drawn with the spread of the existing rows."""
+    g = torch.Generator().manual_seed(int(seed))
+
+    def grow(module: nn.Module, attr: str = "weight") -> None:
+        old = getattr(module, attr).data
+        n, d = old.shape
+        std = float(old.std()) or 0.02
+        new = torch.empty(max(vocab_size, n), d, dtype=old.dtype)
+        new[:n] = old
+        rows = sorted(set(range(n, new.shape[0])) | {int(i) for i in fresh if 0 <= int(i) < new.shape[0]})
+        if rows:
+            new[rows] = (torch.randn(len(rows), d, generator=g) * std).to(old.dtype)
+        setattr(module, attr, nn.Parameter(new))
+        if isinstance(module, nn.Embedding):
+            module.num_embeddings = new.shape[0]
+        elif isinstance(module, nn.Linear):
+            module.out_features = new.shape[0]
+
+    grow(model.shared)  # the encoder's and decoder's embed_tokens are this module
+    for emb in (model.encoder.embed_tokens, model.decoder.embed_tokens):
+        if emb is not model.shared:
+            emb.weight = model.shared.weight
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.shared.weight
+    else:
+        grow(model.lm_head)
+    model.config.vocab_size = model.shared.weight.shape[0]

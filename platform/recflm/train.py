@@ -96,6 +96,9 @@ class TrainConfig:
     # sequences only (SELF_SUPERVISED_FAMILIES, validated by their loss on the valid split), for a later finetune
     objective: str = "supervised"
     users_share: float = 1.0  # train (and validate) on this seeded share of the users only (evaluation: all)
+    # finetune on a dataset whose catalog is not the bundle's: keep (refused), extend (the bundle's items keep
+    # their tokens, new items get new ones: prepare --update) or replace (another domain: every item token fresh)
+    catalog: str = "keep"
     fail_at_step: int = -1  # fault injection for tests: rank 0 raises once at this step
 
 
@@ -284,6 +287,10 @@ def train_loop(config: dict) -> None:
     dropout = {} if config["dropout"] is None else {"dropout_rate": float(config["dropout"])}
     if config["init_bundle"]:
         model = RecT5.from_pretrained(config["init_bundle"], use_safetensors=True, **dropout)
+        if tok.vocab_size != model.config.vocab_size or config.get("fresh_tokens"):  # another catalog
+            from .model import adapt_embeddings
+
+            adapt_embeddings(model, tok.vocab_size, config.get("fresh_tokens") or [], config["seed"])
     else:
         model = build_model(config["preset"], tok.vocab_size, tok.pad_id, tok.eos_id, **dropout)
     device = ray.train.torch.get_device()
@@ -685,8 +692,19 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     if rated and cfg.item_token_mode != "token" and not cfg.init_bundle:
         raise ConfigError("prompts.rating_style='dense' needs one token per item: set item_token_mode=token")
     tok_path = run_dir / "tokenizer.json"
+    fresh_tokens: list = []  # a fine-tune on another catalog: the item tokens that start from fresh vectors
     if cfg.init_bundle:
-        load_bundle(cfg.init_bundle).tokenizer.save(tok_path)
+        from .bundle import BundleError, check_catalog_mode
+
+        base = load_bundle(cfg.init_bundle)
+        try:
+            relation = check_catalog_mode(base.catalog, cfg.data, cfg.catalog)
+        except BundleError as e:
+            raise ConfigError(str(e)) from None
+        btok = base.tokenizer
+        if relation != "same":
+            fresh_tokens = _fit_catalog(btok, base.catalog, data.id_texts, relation, log)
+        btok.save(tok_path)
     elif not tok_path.exists():
         texts = example_dataset(cfg.data, pcfg, split="train", epoch=0, families=cfg.families,
                                 log=lambda *a: None).limit(30_000).to_pandas()
@@ -756,8 +774,31 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
                 "val_rank": [] if self_supervised else _val_ranking(data, pcfg, cfg.val_users, cfg.seed,
                                                                      cfg.users_share),
                 "catalog_ids": data.id_texts,
-                "init_bundle": str(Path(cfg.init_bundle).resolve()) if cfg.init_bundle else ""}
+                "init_bundle": str(Path(cfg.init_bundle).resolve()) if cfg.init_bundle else "",
+                "fresh_tokens": fresh_tokens}
     return TrainSetup(cfg, name, storage, run_dir, {"train": train_ds, "val": val_ds}, loop_cfg, clock)
+
+
+def _fit_catalog(tok, old_catalog, id_texts: list, relation: str, log=print) -> list[int]:
+    """A bundle's tokenizer for a dataset whose catalog ``extends`` or replaces (``other``) the bundle's: with
+    one token per item, the data's item IDs that are not tokens yet are added. Returns the token ids that start
+    from fresh vectors: the new items' (extend), or every item of the data's (replace: an ID text of the old
+    catalog names another item now). Sub-word IDs (pieces) need no new token."""
+    from tokenizers import AddedToken
+
+    old = [str(t) for t in old_catalog["id_text"]]
+    one_token = bool(old) and all(tok.hf.token_to_id(t) is not None and t in tok.added for t in old[:50])
+    if not one_token:
+        log(f"finetune: catalog {relation}: sub-word item IDs, no new tokens")
+        return []
+    missing = [str(t) for t in id_texts if str(t) not in tok.added]
+    if missing:
+        tok.hf.add_tokens([AddedToken(str(t), single_word=True, normalized=False) for t in missing])
+        tok.__init__(tok.hf)  # vocab size and added tokens
+    fresh = list(missing) if relation == "extends" else list(id_texts)
+    log(f"finetune: catalog {'extended' if relation == 'extends' else 'replaced'}: {len(missing)} new item tokens, "
+        f"{len(fresh)} items from fresh vectors")
+    return [int(tok.hf.token_to_id(str(t))) for t in fresh]
 
 
 def make_trainer(s: TrainSetup, callbacks: list | None = None):
@@ -857,12 +898,16 @@ def add_arguments(p, name: str) -> None:
         p.add_argument("--bundle", required=True, help="the bundle to start from")
         p.add_argument("--users-share", type=float,
                        help="train on this seeded share of the users only, e.g. 0.1 (config key: users_share)")
+        p.add_argument("--catalog", choices=["keep", "extend", "replace"],
+                       help="--data's catalog vs the bundle's: keep (the same, default), extend (the bundle's items "
+                            "plus new ones: prepare --update), replace (another domain) (config key: catalog)")
         p.add_argument("--tasks", help="comma-separated task families to train, e.g. sequential,direct")
 
 
 def command(args) -> int:
     cfg = flags_into(load_config(TrainConfig, args.config, args.overrides), args,
-                     ("data", "out", "name", "preset", "workers", "storage_path", "objective", "users_share"))
+                     ("data", "out", "name", "preset", "workers", "storage_path", "objective", "users_share",
+                      "catalog"))
     more = {"gpu": True} if args.gpu else {}
     if args.command == "finetune":
         more["init_bundle"] = args.bundle

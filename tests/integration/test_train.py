@@ -1,7 +1,9 @@
 """recflm pretrain on Ray Train: local mode, 2-worker DDP on CPU, and recovery from a worker failure."""
+import dataclasses
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -199,6 +201,28 @@ def test_self_supervised_pretrain_then_finetune_on_a_share_of_the_users(bundled_
     assert fb.manifest["init_bundle"] == str(out) and fb.manifest["objective"] == "supervised"
     assert fb.tokenizer.to_str() == b.tokenizer.to_str()
     assert {k for m in history(ft) for k in m if k.startswith("loss/")} == {"loss/sequential"}
+    # a dataset whose catalog extends the bundle's (its items, then 3 new ones): refused as it is, fine-tuned
+    # with catalog=extend (new item tokens, the model's embeddings grown, the bundle's items keep theirs)
+    import shutil
+
+    from recflm.config import ConfigError
+
+    ext = tmp_path / "ext_data"
+    shutil.copytree(data, ext)
+    items = pd.read_parquet(ext / "items.parquet")
+    n = len(items)
+    new = items.tail(3).copy()
+    new["item"] = [f"new:{i}" for i in range(3)]
+    new["index"] = range(n, n + 3)
+    new["id_text"] = [str(n + 1 + i) for i in range(3)]
+    pd.concat([items, new], ignore_index=True).to_parquet(ext / "items.parquet", index=False)
+    grow = cfg(ext, tmp_path, workers=0, max_steps=5, name="grow", out=str(tmp_path / "grow"), init_bundle=str(out),
+               families=["sequential"], prompts={"sequential_style": "dense"}, val_users=5)
+    with pytest.raises(ConfigError, match="catalog=extend"):
+        run(grow, log=lambda *a: None)
+    gb = load_bundle(run(dataclasses.replace(grow, catalog="extend"), log=lambda *a: None))
+    assert len(gb.catalog) == n + 3 and gb.model.config.vocab_size == b.model.config.vocab_size + 3
+    assert gb.tokenizer.item_token_ids([str(n + 3)])[0] == b.tokenizer.vocab_size + 2
     seed = PrepareConfig().seed  # the dataset's seed draws the share
     users = PreparedData.open(data).sequences_pandas(columns=["user"])["user"]
     assert 0.2 < labelled_users(users, seed, 0.3).mean() < 0.4

@@ -35,3 +35,20 @@ def test_table_and_summary():
     table = format_table(rows)
     assert "+50%" in table and "5/4" in table
     assert summary_line(rows, 12.34) == "SUMMARY bench_transfer ndcg10 scratch/pretrained p=0.1:0.0200/0.0300 minutes=12.3"
+
+
+def test_cross_domain_fine_tunes_another_sources_bundle_with_the_catalog_replaced(tmp_path):
+    import pandas as pd
+
+    src = tmp_path / "ml_ss"
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    src.mkdir()
+    pd.DataFrame({"item": ["m1", "m2"], "index": [0, 1], "id_text": ["1", "2"]}).to_parquet(src / "items.parquet")
+    pd.DataFrame({"item": ["t1", "t2", "t3"], "index": [0, 1, 2], "id_text": ["1", "2", "3"]}).to_parquet(
+        tmp_path / "out" / "data" / "items.parquet")
+    args = parse_args(["--bundled", "--out", str(tmp_path / "out"), "--source-bundle", str(src)])
+    _, _, run = configs(args, stamp=1)
+    pre, _ = run("pretrained", 0.1)
+    scratch, _ = run("scratch", 0.1)
+    assert pre.init_bundle == str(src) and pre.catalog == "replace"
+    assert scratch.init_bundle == "" and scratch.catalog == "keep"
