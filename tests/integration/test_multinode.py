@@ -87,6 +87,12 @@ def _stop(proc: subprocess.Popen) -> list[int]:
     return _session_pids(proc.pid)
 
 
+# guards against a hang, not speed checks: on a loaded machine (load 40 on 2 cores seen) starting a node takes
+# minutes and the 12-step job many more
+NODE_START_S = 300
+JOB_S = 1200
+
+
 def _wait_for(what: str, check, procs, timeout: float):
     t0, last = time.time(), None
     while time.time() - t0 < timeout:
@@ -132,7 +138,7 @@ def two_node_cluster(tmp_path):
         start(["--head", "--port", str(gcs), "--dashboard-port", str(dash), "--include-dashboard", "true",
                "--ray-client-server-port", str(_free_port()), "--temp-dir", temp], "head.log")
         _wait_for("the head's dashboard", lambda: urllib.request.urlopen(f"{url}/api/version", timeout=2).read(),
-                  procs, 120)
+                  procs, NODE_START_S)
         # its own temp dir: nodes on one machine must not share runtime_resources/ (each node's agent
         # unpacks and garbage-collects the job's working_dir there)
         start(["--address", f"127.0.0.1:{gcs}", "--temp-dir", temp + "n2"], "node2.log")
@@ -143,7 +149,7 @@ def two_node_cluster(tmp_path):
             nodes = list_nodes(address=url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
             return nodes if len(nodes) == 2 else None
 
-        nodes = _wait_for("two alive nodes", alive, procs, 120)
+        nodes = _wait_for("two alive nodes", alive, procs, NODE_START_S)
         yield {"address": url, "node_ids": sorted(n.node_id for n in nodes), "procs": procs}
     finally:
         # the second node first, then the head; nothing they started may outlive the test (a CLI run
@@ -168,7 +174,7 @@ def test_pretrain_job_runs_ddp_across_two_nodes(two_node_cluster, bundled_datase
            "val_users=5", "val_beams=10", "shuffle_buffer=100", "families=[sequential,direct]"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_S)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"recflm submit did not finish in {e.timeout} s; its output:\n{(e.stdout or b'').decode()[-6000:]}")
     out = res.stdout + res.stderr
@@ -196,6 +202,6 @@ def test_pretrain_job_runs_ddp_across_two_nodes(two_node_cluster, bundled_datase
     # a job that fails makes `recflm submit` fail, with the job's error in the output it followed
     bad = subprocess.run([str(BIN / "recflm"), "submit", "pretrain", "--address", two_node_cluster["address"],
                           "--working-dir", str(ROOT), f"data={tmp_path}/no_such_data"],
-                         env=env, capture_output=True, text=True, timeout=180)
+                         env=env, capture_output=True, text=True, timeout=JOB_S)
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
     assert "FAILED" in bad.stdout and "no_such_data" in bad.stdout
