@@ -106,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     ap = build_parser()
-    args = ap.parse_args(argv)
+    return check_args(ap, ap.parse_args(argv))
+
+
+def check_args(ap: argparse.ArgumentParser, args):
+    """The source, budget and override checks of this parser's arguments (``ap.error`` on the first bad one);
+    ``jobs.bench_transfer`` extends the parser and runs them too."""
     if args.table and not args.columns:
         ap.error("--table needs --columns (e.g. --columns user=user,item=item,ts=ts)")
     if args.bundled and args.columns:

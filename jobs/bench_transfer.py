@@ -38,7 +38,7 @@ import os
 import time
 from pathlib import Path
 
-from jobs.bench_quality import build_parser as quality_parser
+from jobs.bench_quality import build_parser as quality_parser, check_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     ap = build_parser()
-    args = ap.parse_args(argv)
-    if args.table and not args.columns:
-        ap.error("--table needs --columns (e.g. --columns user=user,item=item,ts=ts)")
+    args = check_args(ap, ap.parse_args(argv))
     try:
         args.share_list = [float(x) for x in args.shares.split(",") if x.strip()]
     except ValueError:
@@ -75,9 +73,6 @@ def parse_args(argv=None):
         ap.error(f"--shares {args.shares!r}: expected numbers in (0, 1], e.g. 0.1,0.3,1")
     if args.pretrain_steps <= 0 or args.finetune_steps <= 0:
         ap.error("--pretrain-steps and --finetune-steps must be > 0 (a fair comparison needs one budget)")
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        ap.error(f"override {bad[0]!r} is not of the form key=value")
     return args
 
 
