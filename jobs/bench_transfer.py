@@ -24,7 +24,8 @@ trained) and the last line ``SUMMARY bench_transfer ndcg10 p=0.1:scratch/pretrai
 
 Cross-domain: ``--source-bundle DIR`` fine-tunes from a self-supervised bundle of another source (e.g. the
 MovieLens run's ``ss_bundle``) instead of step 2; the data's catalog replaces the bundle's (``catalog=replace``:
-every item token starts from a fresh vector, the layers and the prompt tokens transfer).
+every item token starts from a fresh vector, the layers and the prompt tokens transfer). ``--scratch-from FILE``
+reuses the scratch arm of the in-domain run's ``bench_transfer.json`` (same data, shares and steps: the same run).
 
 Under ``--out DIR`` (default runs/transfer): ``data/``, ``train/``, ``ss_bundle/``, ``scratch_<p>/``,
 ``pretrained_<p>/`` (each bundle with its ``metrics_test.json``) and ``bench_transfer.json``.
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cross-domain: fine-tune from this self-supervised bundle (pretrained on another source, e.g. "
                          "runs/transfer_ml/ss_bundle) instead of pretraining on the data: its catalog is replaced "
                          "(every item of the data starts from a fresh vector; the layers transfer)")
+    ap.add_argument("--scratch-from", metavar="FILE",
+                    help="reuse the scratch arm of an earlier bench_transfer.json on the same data, shares and "
+                         "--finetune-steps (e.g. the in-domain run's, for the cross-domain rows: the scratch run is the "
+                         "same run) instead of training it again")
     ap.add_argument("--max-minutes", type=float, default=0.0, metavar="N",
                     help="a time limit of every run on top of its steps (default 0: none; a time budget is not "
                          "the same budget for two runs on a shared machine, steps are)")
@@ -74,6 +79,28 @@ def parse_args(argv=None):
     if args.pretrain_steps <= 0 or args.finetune_steps <= 0:
         ap.error("--pretrain-steps and --finetune-steps must be > 0 (a fair comparison needs one budget)")
     return args
+
+
+def reused_scratch(path: str, data: str, shares: list[float], steps: int) -> dict:
+    """share -> the scratch row of an earlier bench_transfer.json (``--scratch-from``), after checking it was the
+    same run this one would train: the same prepared data, the same fine-tune steps, every share present."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--scratch-from {path}: cannot read it as a bench_transfer.json ({e})") from None
+    if earlier.get("finetune_steps") != steps:
+        raise ValueError(f"--scratch-from {path}: its runs had {earlier.get('finetune_steps')} fine-tune steps, "
+                         f"this run has {steps}: not the same budget")
+    rows = {}
+    for r in earlier.get("rows", []):
+        cfg = r.get("scratch", {}).get("config", {})
+        if cfg.get("data") and Path(cfg["data"]).resolve() != Path(data).resolve():
+            raise ValueError(f"--scratch-from {path}: its scratch runs trained on {cfg['data']}, not {data}")
+        rows[float(r["share"])] = r["scratch"]
+    missing = [p for p in shares if p not in rows]
+    if missing:
+        raise ValueError(f"--scratch-from {path}: no scratch run for share(s) {missing} (it has {sorted(rows)})")
+    return rows
 
 
 def configs(args, stamp: int):
@@ -154,11 +181,18 @@ def main(argv=None) -> int:
         else:
             run_train(ss)
         ss_minutes = (time.perf_counter() - t) / 60
+        reused = reused_scratch(args.scratch_from, pcfg.out, args.share_list, args.finetune_steps) \
+            if args.scratch_from else {}
         rows = []
         for share in args.share_list:
             row = {"share": share}
             for kind in ("scratch", "pretrained"):
                 tcfg, ecfg = run(kind, share)
+                if kind == "scratch" and share in reused:
+                    row[kind] = dict(reused[share], reused_from=args.scratch_from)
+                    print(f"bench_transfer: share {share:g} scratch: NDCG@10 {row[kind]['ndcg10']:.4f} "
+                          f"(reused from {args.scratch_from})")
+                    continue
                 t = time.perf_counter()
                 run_train(tcfg)
                 train_s = time.perf_counter() - t
@@ -172,7 +206,7 @@ def main(argv=None) -> int:
                 print(f"bench_transfer: share {share:g} {kind}: NDCG@10 {row[kind]['ndcg10']:.4f} "
                       f"({len(epochs)} epochs, {train_s / 60:.1f} min)")
             rows.append(row)
-    except (ConfigError, SourceError, PrepareError, FileNotFoundError) as e:
+    except (ConfigError, SourceError, PrepareError, FileNotFoundError, ValueError) as e:
         print(f"bench_transfer: error: {e}")
         return 2
     minutes = (time.perf_counter() - t_all) / 60

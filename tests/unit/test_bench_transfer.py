@@ -1,7 +1,9 @@
 """jobs.bench_transfer's runs (no training here): one budget for scratch and fine-tune, the shares, the stages."""
 import pytest
 
-from jobs.bench_transfer import configs, format_table, parse_args, summary_line
+import json
+
+from jobs.bench_transfer import configs, format_table, parse_args, reused_scratch, summary_line
 
 
 def test_runs_share_one_budget_and_differ_only_in_their_start(tmp_path):
@@ -52,3 +54,22 @@ def test_cross_domain_fine_tunes_another_sources_bundle_with_the_catalog_replace
     scratch, _ = run("scratch", 0.1)
     assert pre.init_bundle == str(src) and pre.catalog == "replace"
     assert scratch.init_bundle == "" and scratch.catalog == "keep"
+
+
+def test_scratch_arm_reused_only_from_the_same_run(tmp_path):
+    data = tmp_path / "data"
+    earlier = {"finetune_steps": 300, "rows": [
+        {"share": s, "scratch": {"ndcg10": 0.01 * (i + 1), "hr10": 0.1, "epochs": 3, "config": {"data": str(data)}}}
+        for i, s in enumerate((0.1, 1.0))]}
+    f = tmp_path / "bench_transfer.json"
+    f.write_text(json.dumps(earlier))
+    rows = reused_scratch(str(f), str(data), [0.1, 1.0], 300)
+    assert rows[1.0]["ndcg10"] == 0.02 and rows[0.1]["epochs"] == 3
+    with pytest.raises(ValueError, match="300 fine-tune steps"):
+        reused_scratch(str(f), str(data), [0.1], 250)
+    with pytest.raises(ValueError, match=r"share\(s\) \[0.3\]"):
+        reused_scratch(str(f), str(data), [0.1, 0.3], 300)
+    with pytest.raises(ValueError, match="not .*other"):
+        reused_scratch(str(f), str(tmp_path / "other"), [0.1], 300)
+    with pytest.raises(FileNotFoundError, match="--scratch-from"):
+        reused_scratch(str(tmp_path / "missing.json"), str(data), [0.1], 300)
