@@ -81,6 +81,25 @@ def parse_args(argv=None):
     return args
 
 
+def same_data(a: str, b: str) -> bool:
+    """Whether two prepared dataset dirs hold the same data: one dir, or the same source files (by size and
+    content hash) prepared with the same settings (the output dir aside)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+
+    def identity(d: str):
+        try:
+            m = json.loads((Path(d) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+        files = sorted((f.get("source"), f.get("type"), f.get("bytes"), f.get("sha256_first_mib"))
+                       for f in m.get("sources", []))
+        return files, {k: v for k, v in m.get("config", {}).items() if k != "out"}
+
+    ia = identity(a)
+    return ia is not None and ia == identity(b)
+
+
 def reused_scratch(path: str, data: str, shares: list[float], steps: int) -> dict:
     """share -> the scratch row of an earlier bench_transfer.json (``--scratch-from``), after checking it was the
     same run this one would train: the same prepared data, the same fine-tune steps, every share present."""
@@ -94,8 +113,9 @@ def reused_scratch(path: str, data: str, shares: list[float], steps: int) -> dic
     rows = {}
     for r in earlier.get("rows", []):
         cfg = r.get("scratch", {}).get("config", {})
-        if cfg.get("data") and Path(cfg["data"]).resolve() != Path(data).resolve():
-            raise ValueError(f"--scratch-from {path}: its scratch runs trained on {cfg['data']}, not {data}")
+        if cfg.get("data") and not same_data(cfg["data"], data):
+            raise ValueError(f"--scratch-from {path}: its scratch runs trained on {cfg['data']}, not the same "
+                             f"prepared data as {data} (other sources, files or prepare settings)")
         rows[float(r["share"])] = r["scratch"]
     missing = [p for p in shares if p not in rows]
     if missing:
@@ -177,7 +197,7 @@ def main(argv=None) -> int:
               f"{args.pretrain_steps} steps, then {args.finetune_steps} steps per run")
         t = time.perf_counter()
         if args.source_bundle:
-            print(f"bench_transfer: fine-tuning from {args.source_bundle} (pretrained on another source)")
+            print(f"bench_transfer: fine-tuning from the self-supervised bundle {args.source_bundle}")
         else:
             run_train(ss)
         ss_minutes = (time.perf_counter() - t) / 60

@@ -69,7 +69,16 @@ def test_scratch_arm_reused_only_from_the_same_run(tmp_path):
         reused_scratch(str(f), str(data), [0.1], 250)
     with pytest.raises(ValueError, match=r"share\(s\) \[0.3\]"):
         reused_scratch(str(f), str(data), [0.1, 0.3], 300)
-    with pytest.raises(ValueError, match="not .*other"):
+    with pytest.raises(ValueError, match="not the same prepared data"):
+        reused_scratch(str(f), str(tmp_path / "other"), [0.1], 300)
+    # another dir with the same data, prepared the same way: the same run
+    files = [{"source": "toys", "type": "table", "file": "/d/t.csv.gz", "bytes": 10, "sha256_first_mib": "ab"}]
+    for d, out in ((data, "a"), (tmp_path / "other", "b")):
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({"sources": files, "config": {"out": out, "k_core": 5}}))
+    assert reused_scratch(str(f), str(tmp_path / "other"), [0.1], 300)[0.1]["ndcg10"] == 0.01
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps({"sources": files, "config": {"out": "b", "k_core": 3}}))
+    with pytest.raises(ValueError, match="not the same prepared data"):
         reused_scratch(str(f), str(tmp_path / "other"), [0.1], 300)
     with pytest.raises(FileNotFoundError, match="--scratch-from"):
         reused_scratch(str(tmp_path / "missing.json"), str(data), [0.1], 300)
