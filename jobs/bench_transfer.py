@@ -10,8 +10,8 @@ On the data you name (the bundled MovieLens data, or any interaction table, as `
 3. for each share p of ``--shares`` (default 0.1, 0.3, 1): the quality recipe (``--recipe``, default
    ``jobs/configs/pretrain_quality.yaml``) trained on a seeded share p of the users (``users_share``; its
    validation users from that share too), once from scratch and once fine-tuned from the step-2 bundle,
-   each for ``--finetune-steps`` optimizer steps (or fewer, by the recipe's early stopping; both export their
-   best epoch). The budget is steps, not minutes: on a shared machine two runs' minutes are not the same work;
+   each for ``--finetune-steps`` optimizer steps (no early stopping unless ``--patience N``: both spend the whole
+   budget and export their best epoch). The budget is steps, not minutes: on a shared machine two runs' minutes are not the same work;
 4. ``recflm evaluate`` of every bundle on the test split of *all* users (full ranking, seen items excluded).
 
 The test items are never trained on, in either stage (the pretrain reads training sequences only). It prints
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reuse the scratch arm of an earlier bench_transfer.json on the same data, shares and "
                          "--finetune-steps (e.g. the in-domain run's, for the cross-domain rows: the scratch run is the "
                          "same run) instead of training it again")
+    ap.add_argument("--patience", type=int, default=0, metavar="N",
+                    help="early stopping of the fine-tunes and scratch runs (default 0: off, every run spends the whole "
+                         "step budget and exports its best epoch; with a small share the validation users are few and "
+                         "noisy, and the recipe's patience stopped one arm after a third of its steps)")
     ap.add_argument("--max-minutes", type=float, default=0.0, metavar="N",
                     help="a time limit of every run on top of its steps (default 0: none; a time budget is not "
                          "the same budget for two runs on a shared machine, steps are)")
@@ -148,6 +152,7 @@ def configs(args, stamp: int):
             same = catalog_relation(pd.read_parquet(Path(init) / "items.parquet"), tcfg.data) == "same"
             catalog = "keep" if same else "replace"
         t = dataclasses.replace(tcfg, users_share=share, max_steps=args.finetune_steps, max_minutes=args.max_minutes,
+                                patience=args.patience,
                                 name=f"{kind}_{share:g}_{stamp}", out=str(out / f"{kind}_{share:g}"),
                                 init_bundle=init, catalog=catalog)
         e = EvalConfig(bundle=t.out, data=t.data, split="test", max_users=0, cold_ks=[], families=["sequential"],

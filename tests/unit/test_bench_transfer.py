@@ -15,6 +15,7 @@ def test_runs_share_one_budget_and_differ_only_in_their_start(tmp_path):
     scratch, e1 = run("scratch", 0.1)
     pre, e2 = run("pretrained", 0.1)
     assert scratch.users_share == pre.users_share == 0.1 and scratch.max_steps == pre.max_steps == 250
+    assert scratch.patience == pre.patience == 0  # both arms spend the whole budget
     assert scratch.init_bundle == "" and pre.init_bundle == ss.out and scratch.lr == pre.lr == ss.lr == 0.002
     assert scratch.objective == pre.objective == "supervised" and scratch.name != pre.name
     # evaluation: every user's test item, whatever share trained
