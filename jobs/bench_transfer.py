@@ -106,24 +106,27 @@ def same_data(a: str, b: str) -> bool:
 
 def reused_scratch(path: str, data: str, shares: list[float], steps: int) -> dict:
     """share -> the scratch row of an earlier bench_transfer.json (``--scratch-from``), after checking it was the
-    same run this one would train: the same prepared data, the same fine-tune steps, every share present."""
+    same run this one would train: the same prepared data, the same fine-tune steps, every share present
+    (``ConfigError`` naming what differs)."""
+    from recflm.config import ConfigError
+
     try:
         earlier = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"--scratch-from {path}: cannot read it as a bench_transfer.json ({e})") from None
     if earlier.get("finetune_steps") != steps:
-        raise ValueError(f"--scratch-from {path}: its runs had {earlier.get('finetune_steps')} fine-tune steps, "
+        raise ConfigError(f"--scratch-from {path}: its runs had {earlier.get('finetune_steps')} fine-tune steps, "
                          f"this run has {steps}: not the same budget")
     rows = {}
     for r in earlier.get("rows", []):
         cfg = r.get("scratch", {}).get("config", {})
         if cfg.get("data") and not same_data(cfg["data"], data):
-            raise ValueError(f"--scratch-from {path}: its scratch runs trained on {cfg['data']}, not the same "
+            raise ConfigError(f"--scratch-from {path}: its scratch runs trained on {cfg['data']}, not the same "
                              f"prepared data as {data} (other sources, files or prepare settings)")
         rows[float(r["share"])] = r["scratch"]
     missing = [p for p in shares if p not in rows]
     if missing:
-        raise ValueError(f"--scratch-from {path}: no scratch run for share(s) {missing} (it has {sorted(rows)})")
+        raise ConfigError(f"--scratch-from {path}: no scratch run for share(s) {missing} (it has {sorted(rows)})")
     return rows
 
 
@@ -212,12 +215,12 @@ def main(argv=None) -> int:
         for share in args.share_list:
             row = {"share": share}
             for kind in ("scratch", "pretrained"):
-                tcfg, ecfg = run(kind, share)
                 if kind == "scratch" and share in reused:
                     row[kind] = dict(reused[share], reused_from=args.scratch_from)
                     print(f"bench_transfer: share {share:g} scratch: NDCG@10 {row[kind]['ndcg10']:.4f} "
                           f"(reused from {args.scratch_from})")
                     continue
+                tcfg, ecfg = run(kind, share)
                 t = time.perf_counter()
                 run_train(tcfg)
                 train_s = time.perf_counter() - t
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
                 print(f"bench_transfer: share {share:g} {kind}: NDCG@10 {row[kind]['ndcg10']:.4f} "
                       f"({len(epochs)} epochs, {train_s / 60:.1f} min)")
             rows.append(row)
-    except (ConfigError, SourceError, PrepareError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, SourceError, PrepareError, FileNotFoundError) as e:
         print(f"bench_transfer: error: {e}")
         return 2
     minutes = (time.perf_counter() - t_all) / 60
