@@ -77,3 +77,45 @@ def tiny_bundle(bundled_dataset, tmp_path_factory):
                       log_every=10, checkpoint_every=40, val_examples=32, val_users=10, shuffle_buffer=200,
                       families=["rating", "sequential", "direct", "explanation", "span"])
     return run(cfg, log=lambda *a: None), cfg
+
+
+UPDATE_COLUMNS = {"user": "user", "item": "item", "rating": "rating", "ts": "ts"}
+
+
+def _write_rows(path: Path, rows) -> Path:
+    path.write_text("user,item,rating,ts\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def updated_data(ray_session, tmp_path_factory):
+    """A small synthetic shop log prepared (k_core=2), then ``prepare --update`` with newer rows: new
+    interactions of old users, new users, new items, one interaction the dataset has and one bad row it
+    rejected before. Returns the base dataset (an untouched copy), the updated one and the rows of each."""
+    import random
+    import shutil
+
+    from recflm.config import PrepareConfig, SourceConfig
+    from recflm.prepare import run
+    from recflm.prepare_update import update
+
+    tmp = tmp_path_factory.mktemp("update")
+    rng = random.Random(7)
+    base_rows = [(f"u{u}", f"i{i}", rng.randint(1, 5), 1000 + 100 * u + j)
+                 for u in range(40) for j, i in enumerate(rng.sample(range(25), 6))]
+    bad = ("u1", "i1", "abc", 1500)
+    new_rows = [(f"u{u}", f"i{i}", rng.randint(1, 5), 100_000 + 10 * u + j)
+                for u in range(20) for j, i in enumerate(rng.sample(range(25, 30), 2))]
+    new_rows += [(f"n{u}", f"i{i}", rng.randint(1, 5), 200_000 + 10 * u + j)
+                 for u in range(5) for j, i in enumerate(rng.sample(range(30), 4))]
+    new_rows += [base_rows[0], bad]
+    base_csv = _write_rows(tmp / "base.csv", base_rows + [bad])
+    new_csv = _write_rows(tmp / "new.csv", new_rows)
+    cfg = PrepareConfig(out=str(tmp / "data"), k_core=2, sources=[
+        {"type": "table", "path": str(base_csv), "name": "shop", "columns": UPDATE_COLUMNS}])
+    run(cfg, log=lambda *a: None)
+    shutil.copytree(tmp / "data", tmp / "base")
+    stats = update(tmp / "data", [SourceConfig(type="table", path=str(new_csv), columns=UPDATE_COLUMNS)],
+                   log=lambda *a: None)
+    return {"base": tmp / "base", "data": tmp / "data", "stats": stats, "base_rows": base_rows + [bad],
+            "new_rows": new_rows, "new_csv": new_csv, "tmp": tmp}

@@ -17,6 +17,9 @@ Reason codes (``REASONS``):
   the training part.
 - ``tag_without_interaction``: a MovieLens tag for a (user, item) pair that has no rating
 - ``kcore``: removed by iterative k-core filtering (users and items with fewer than k interactions)
+- ``already_in_dataset`` / ``already_rejected`` (``prepare --update`` only, see prepare_update.py): a new
+  interaction identical (user, item, rating, time) to one the dataset holds, or a new row identical to one
+  it rejected before
 
 Text is normalised (HTML entities decoded, tags such as ``<br />`` removed, whitespace collapsed);
 empty text is null. Ratings are mapped linearly from the source's scale onto one scale.
@@ -34,6 +37,7 @@ import pyarrow.compute as pc
 REASONS = (
     "malformed_row", "missing_user", "missing_item", "missing_rating", "bad_rating", "rating_out_of_range",
     "bad_timestamp", "duplicate", "repeat_earlier", "tag_without_interaction", "kcore",
+    "already_in_dataset", "already_rejected",
 )
 TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _TAG_RE = re.compile(r"<[^>]{0,200}>")

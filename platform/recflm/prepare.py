@@ -46,15 +46,7 @@ class PrepareError(ValueError):
 def plan(cfg: PrepareConfig) -> list[SourcePlan]:
     """Check every source and the output directory before any work is done."""
     sources = parse_sources(cfg) or [bundled_source()]
-    plans, seen = [], set()
-    for i, s in enumerate(sources):
-        name = s.name or s.type
-        while name in seen:
-            name = f"{s.name or s.type}{i}"
-        if ":" in name:
-            raise SourceError(f"source name {name!r} must not contain ':'")
-        seen.add(name)
-        plans.append(plan_source(s, name))
+    plans = [plan_source(s, name) for s, name in zip(sources, source_names(sources))]
     if cfg.k_core < 0:
         raise PrepareError(f"k_core must be >= 0, got {cfg.k_core}")
     if not cfg.rating_min < cfg.rating_max:
@@ -63,6 +55,20 @@ def plan(cfg: PrepareConfig) -> list[SourcePlan]:
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise PrepareError(f"{out} exists, is not empty and is not a recflm dataset: refusing to overwrite it")
     return plans
+
+
+def source_names(sources: list[SourceConfig]) -> list[str]:
+    """Each source's namespace (the prefix of its user and item keys): its name, else its type, made unique."""
+    names, seen = [], set()
+    for i, s in enumerate(sources):
+        name = s.name or s.type
+        while name in seen:
+            name = f"{s.name or s.type}{i}"
+        if ":" in name:
+            raise SourceError(f"source name {name!r} must not contain ':'")
+        seen.add(name)
+        names.append(name)
+    return names
 
 
 def fingerprint(plans: list[SourcePlan]) -> list[dict]:
@@ -386,6 +392,10 @@ def add_arguments(p, name: str) -> None:
                    help="print N rendered (source -> target) examples per task family after preparing")
     p.add_argument("--skip-existing", action="store_true",
                    help="do not rebuild the dataset if OUT already holds one (only preview / print stats)")
+    p.add_argument("--update", metavar="DIR",
+                   help="append the given sources' rows to the prepared dataset DIR, cleaned with its recorded "
+                        "settings: every existing item keeps its index and ID, new items come after them, the "
+                        "split moves forward (see prepare_update.py); then `recflm finetune catalog=extend`")
 
 
 def command(args) -> int:
@@ -400,6 +410,13 @@ def command(args) -> int:
               for p, c in zip(args.table, args.columns)]
     if extra:
         cfg.sources = [to_dict(s) for s in extra]
+    if args.update:
+        from .prepare_update import update
+
+        stats = update(args.update, parse_sources(cfg))
+        print(format_stats(stats))
+        print(f"dataset {args.update} updated")
+        return 0
     if args.skip_existing and (Path(cfg.out) / "manifest.json").exists():
         stats = PreparedData.open(cfg.out).stats
     else:
