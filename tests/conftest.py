@@ -119,3 +119,21 @@ def updated_data(ray_session, tmp_path_factory):
                    log=lambda *a: None)
     return {"base": tmp / "base", "data": tmp / "data", "stats": stats, "base_rows": base_rows + [bad],
             "new_rows": new_rows, "new_csv": new_csv, "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def updated_bundle(updated_data):
+    """A tiny one-token-per-item bundle pretrained a few steps on the base of ``updated_data``, then fine-tuned
+    on the updated dataset with catalog=extend (Ray Train local mode). Returns (base bundle, updated bundle)."""
+    from recflm.train import TrainConfig, run
+
+    tmp = updated_data["tmp"]
+    common = dict(preset="tiny", workers=0, epochs=1, batch_size=16, vocab_size=400, log_every=5, val_examples=16,
+                  val_users=8, shuffle_buffer=100, item_token_mode="token", families=["sequential", "direct"],
+                  storage_path=str(tmp / "runs"))
+    base = run(TrainConfig(data=str(updated_data["base"]), out=str(tmp / "bundle_base"), name="upd_base",
+                           max_steps=8, checkpoint_every=8, **common), log=lambda *a: None)
+    updated = run(TrainConfig(data=str(updated_data["data"]), out=str(tmp / "bundle_updated"), name="upd_ft",
+                              max_steps=6, checkpoint_every=6, init_bundle=str(base), catalog="extend", **common),
+                  log=lambda *a: None)
+    return base, updated

@@ -119,3 +119,24 @@ def test_cli_update_error_is_one_line(updated_data, tmp_path, capsys):
     code = main(["prepare", "--update", str(tmp_path), "--table", str(updated_data["new_csv"]),
                  "--columns", "user=user,item=item,rating=rating,ts=ts"])
     assert code == 2 and "not a prepared dataset" in capsys.readouterr().err
+
+
+def test_finetune_extends_the_bundle_to_the_updated_catalog(updated_data, updated_bundle):
+    from recflm.bundle import load_bundle
+
+    base, updated = (load_bundle(b) for b in updated_bundle)
+    data = PreparedData.open(updated_data["data"])
+    assert updated.catalog["item"].tolist() == data.catalog["item"].tolist()
+    assert updated.manifest["init_bundle"] == str(base.path) and updated.manifest["train_config"]["catalog"] == "extend"
+    old_ids = base.catalog["id_text"].astype(str).tolist()
+    new_ids = data.catalog["id_text"].astype(str).tolist()[len(old_ids):]
+    # the old items keep their tokens; each new item is one token of its own (a piece the vocabulary had, such
+    # as "26", becomes the item's token and starts from a fresh vector)
+    old_tokens = base.tokenizer.item_token_ids(old_ids)
+    assert updated.tokenizer.item_token_ids(old_ids) == old_tokens
+    assert not set(new_ids) & set(base.tokenizer.added) and set(new_ids) <= set(updated.tokenizer.added)
+    fresh = updated.tokenizer.item_token_ids(new_ids)
+    assert len(set(fresh)) == len(new_ids) and not set(fresh) & set(old_tokens)
+    assert updated.model.config.vocab_size == updated.tokenizer.vocab_size >= base.tokenizer.vocab_size
+    with pytest.raises(Exception, match="catalog=extend"):  # keep refuses the grown catalog
+        check_catalog_mode(base.catalog, data.path, "keep")
