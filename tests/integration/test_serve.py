@@ -389,6 +389,38 @@ def test_rollout_of_a_second_bundle_without_failed_requests(served, tmp_path):
     assert old_version in versions and versions[-1] == info["model_version"]
 
 
+def test_rollout_of_an_incrementally_updated_bundle_without_failed_requests(served, updated_bundle):
+    """A bundle served, then the one fine-tuned from it on its `prepare --update` dataset (catalog=extend) rolled
+    out under load: every request is answered 200 and the new items are served after it."""
+    from ray import serve
+
+    base, updated = updated_bundle
+    app = APP + "-update"
+    cfg = _config(base, name=app, route_prefix="/upd", port=served["cfg"].port, min_replicas=1, max_replicas=1)
+    url = run(cfg, log=lambda *a: None)
+    try:
+        new_items = pd.read_parquet(Path(updated) / "items.parquet")
+        n_base = len(pd.read_parquet(Path(base) / "items.parquet"))
+        with httpx.Client(base_url=url, timeout=60) as c:
+            before = c.get("/v1/model").json()
+            assert before["items"] == n_base and c.get(f"/v1/items/{new_items['item'].iloc[-1]}").status_code == 404
+            stop, results, threads = _streams(url, {"user": "shop:u0", "k": 3})  # a user of both datasets
+            time.sleep(1)
+            run(ServeConfig(**{**cfg.__dict__, "bundle": str(updated)}), log=lambda *a: None)
+            time.sleep(2)
+            stop.set()
+            for t in threads:
+                t.join()
+            codes = [r[1] for r in results]
+            assert codes and set(codes) == {200}, sorted(set(codes))
+            info = c.get("/v1/model").json()
+            assert info["bundle"] == str(Path(updated).resolve()) and info["items"] == len(new_items) > n_base
+            assert before["model_version"] in [r[2] for r in results] and results[-1][2] == info["model_version"]
+            assert c.get(f"/v1/items/{new_items['item'].iloc[-1]}").status_code == 200
+    finally:
+        serve.delete(app)
+
+
 def test_reconfigure_swaps_bundles_in_place(served, tmp_path):
     """The path `serve deploy` takes when only the bundle changes: user_config -> reconfigure."""
     from recflm.serve_model import Recommender
