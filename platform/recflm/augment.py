@@ -211,10 +211,11 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
     the users of that seeded share (``labelled_users``)."""
     epoch = _epoch_of(epoch)
     ctx = _context(data_dir, templates_dir)
-    ids, n_items, temps, attrs = ctx["ids"], len(ctx["ids"]), ctx["templates"], ctx["attrs"]
+    ids, n_items, temps = ctx["ids"], len(ctx["ids"]), ctx["templates"]
+    attrs = ctx.get("attrs") or [None] * n_items
     primary = ctx["manifest"].get("primary_source")
     rows: list = []
-    if split in HOLDOUT_SPLITS and ctx["holdout"]:  # held-out users (prepare's holdout_users) never train
+    if split in HOLDOUT_SPLITS and ctx.get("holdout"):  # held-out users (prepare's holdout_users) never train
         batch = batch[~batch["user"].isin(ctx["holdout"])]
     if users_share < 1.0:
         batch = batch[labelled_users(batch["user"], seed, users_share)]
@@ -356,7 +357,7 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
     primary = ctx["manifest"].get("primary_source")
     review_sources = set(ctx["manifest"].get("review_sources", []))
     batch = batch[batch["split"] == split]
-    if split in HOLDOUT_SPLITS and ctx["holdout"]:
+    if split in HOLDOUT_SPLITS and ctx.get("holdout"):
         batch = batch[~batch["user"].isin(ctx["holdout"])]
     if users_share < 1.0:
         batch = batch[labelled_users(batch["user"], seed, users_share)]
