@@ -26,6 +26,12 @@ inference renders it); ``both`` emits the two. The rating family has two styles 
 The ``span`` family (asked for by name) is the self-supervised objective on raw sequences: a
 contiguous span of 1-3 training items is replaced by ``<mask>`` and is the target.
 
+Cold start: ``direct`` examples also carry the item described by its attributes (``item_attr``; for a 1-of-N
+choice, ``prompts.ATTR_CANDIDATES`` candidates so described) where the catalog has attributes (MovieLens titles
+and genres), so P5's cold-start templates (``direct-attr-*``) are trained where the data allows. Users held out
+by ``prepare --holdout-users`` (sequences' ``holdout``) are in no example of the train and valid splits: their
+interactions reach no training family or stage, pretraining or fine-tuning.
+
 Leak-freedom: training examples use only training interactions (histories, targets, rating /
 explanation / review rows of split ``train``); negatives for direct prompts are drawn from items
 the user never interacted with in any split.
@@ -42,10 +48,13 @@ import pandas as pd
 
 from .config import AugmentConfig, PrepareConfig, PromptConfig
 from .dataset import INTERACTIONS, SEQUENCES, PreparedData
-from .prompts import (DENSE_FIELD, FAMILIES, RATED_FIELD, format_rating, is_rated, load_templates, rated_positions,
+from .prompts import (ATTR_CANDIDATES, ATTR_CANDIDATES_FIELD, ATTR_FIELD, ATTR_SEPARATOR, DENSE_FIELD, FAMILIES,
+                      RATED_FIELD, format_rating, is_rated, item_attributes, load_templates, rated_positions,
                       rated_sequence, usable)
 
 SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
+# the splits training reads (its examples, and validation for selection): held-out users are in neither
+HOLDOUT_SPLITS = ("train", "valid")
 SEQUENTIAL_STYLES = ("prompt", "dense", "both")
 RATING_STYLES = ("prompt", "dense")
 EVAL_CANDIDATES = 100
@@ -73,6 +82,7 @@ def _context(data_dir: str, templates_dir: str):
     desc = np.array([f"{i} ({t})" if isinstance(t, str) else str(i) for i, t in zip(ids, titles)], dtype=object)
     index = pd.Index(cat["item"])
     return {"ids": ids, "desc": desc, "index": index, "templates": load_templates(templates_dir or None),
+            "attrs": item_attributes(cat), "holdout": data.holdout_users,
             "manifest": data.manifest, "scale": (data.manifest["config"]["rating_min"],
                                                  data.manifest["config"]["rating_max"])}
 
@@ -202,8 +212,11 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
     epoch = _epoch_of(epoch)
     ctx = _context(data_dir, templates_dir)
     ids, n_items, temps = ctx["ids"], len(ctx["ids"]), ctx["templates"]
+    attrs = ctx.get("attrs") or [None] * n_items
     primary = ctx["manifest"].get("primary_source")
     rows: list = []
+    if split in HOLDOUT_SPLITS and ctx.get("holdout"):  # held-out users (prepare's holdout_users) never train
+        batch = batch[~batch["user"].isin(ctx["holdout"])]
     if users_share < 1.0:
         batch = batch[labelled_users(batch["user"], seed, users_share)]
     if len(batch) == 0:
@@ -269,14 +282,24 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                         pos = rng.random() < 0.5 or not neg
                         it = seq[t] if pos else ids[neg[0]]
                         ex = {"user": user, "history": _join_history(hist, rng), "item": it,
-                              "answer": "yes" if pos else "no"}
+                              "answer": "yes" if pos else "no",
+                              ATTR_FIELD: attrs[int(index[t]) if pos else neg[0]]}  # None: no attributes
                         fam_temps = [x for x in temps["direct"] if "answer" in x.fields]
                     else:  # 1-of-N candidates
-                        cand = [seq[t]] + [ids[j] for j in sample_negatives(rng, n_items, seen, prompts.direct_candidates - 1)]
+                        negs = sample_negatives(rng, n_items, seen, prompts.direct_candidates - 1)
+                        cand = [seq[t]] + [ids[j] for j in negs]
                         rng.shuffle(cand)
                         ex = {"user": user, "history": _join_history(hist, rng), "item": seq[t],
                               "candidates": ", ".join(cand)}
-                        fam_temps = [x for x in temps["direct"] if "candidates" in x.fields]
+                        # the cold-start choice: a few of the candidates, each described by its attributes
+                        # (a separate draw, so the ID prompts' draws do not depend on whether items have any)
+                        shown = [int(index[t])] + negs[:ATTR_CANDIDATES - 1]
+                        if len(shown) > 1 and all(attrs[j] for j in shown):
+                            example_rng(seed, epoch, split, user + f"|attr{d}").shuffle(shown)
+                            ex[ATTR_FIELD] = attrs[int(index[t])]
+                            ex[ATTR_CANDIDATES_FIELD] = ATTR_SEPARATOR.join(attrs[j] for j in shown)
+                        fam_temps = [x for x in temps["direct"] if "candidates" in x.fields
+                                     or ATTR_CANDIDATES_FIELD in x.fields]
                     _emit(rows, "direct", fam_temps, ex, rng.random(), held_out, {**meta, "item": items[t]})
             continue
         # evaluation splits: the held-out item of this split as target, everything before as history
@@ -334,6 +357,8 @@ def interaction_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str,
     primary = ctx["manifest"].get("primary_source")
     review_sources = set(ctx["manifest"].get("review_sources", []))
     batch = batch[batch["split"] == split]
+    if split in HOLDOUT_SPLITS and ctx.get("holdout"):
+        batch = batch[~batch["user"].isin(ctx["holdout"])]
     if users_share < 1.0:
         batch = batch[labelled_users(batch["user"], seed, users_share)]
     if len(batch) == 0:

@@ -96,6 +96,9 @@ class PrepareConfig:
     min_ts: int = 0  # timestamps before this (seconds) are rejected as bad
     max_ts: int = 4102444800  # 2100-01-01
     num_partitions: int = 0  # hash partitions by user (0: from the input size)
+    # share of users (a seeded hash of the user key) held out of every training family and stage: new users for
+    # evaluation, their history given at request time as serving gets it (split "history" in the data)
+    holdout_users: float = 0.0
     seed: int = 2022
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)

@@ -4,9 +4,11 @@ Layout (all Parquet is readable by pyarrow, pandas and Ray Data)::
 
     interactions.parquet/   kept rows: user, item, rating, ts, text, summary, source, split, pos
     rejects.parquet/        rejected input rows: source, file, user, item, rating, ts, reason, detail
-    sequences.parquet/      one row per user: user, source, items, ids, ratings, ts, texts?, n_train
-                            (items[:n_train] train, then at most one validation and one test item)
-    users.parquet/          user, source, n_total, n_train
+    sequences.parquet/      one row per user: user, source, items, ids, ratings, ts, texts?, n_train, holdout
+                            (items[:n_train] train, then at most one validation and one test item;
+                            a held-out user's (``holdout``) first n_train items are its history, split
+                            ``history`` in interactions.parquet, never trained on)
+    users.parquet/          user, source, n_total, n_train, holdout
     items.parquet           the catalog: item, index, id_text, source, title, genres, n_train
     stats.json              counts: input rows per file, kept, rejected by reason, users, items, ...
     manifest.json           source fingerprints, the config, versions, the ID scheme
@@ -74,6 +76,17 @@ class PreparedData:
     def sequences_pandas(self, columns: list[str] | None = None) -> pd.DataFrame:
         """All user sequences in pandas: for evaluation and tests on small data only."""
         return pd.read_parquet(self.path / SEQUENCES, columns=columns)
+
+    @cached_property
+    def holdout_users(self) -> frozenset:
+        """Users held out of training (``prepare --holdout-users``): new users at evaluation time."""
+        import pyarrow.dataset as pads
+
+        ds = pads.dataset(self.path / SEQUENCES, format="parquet")
+        if "holdout" not in ds.schema.names:  # a dataset prepared before holdout_users existed
+            return frozenset()
+        t = ds.to_table(columns=["user"], filter=pads.field("holdout"))
+        return frozenset(t["user"].to_pylist())
 
     def interactions_pandas(self, columns: list[str] | None = None) -> pd.DataFrame:
         return pd.read_parquet(self.path / INTERACTIONS, columns=columns)

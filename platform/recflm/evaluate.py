@@ -20,7 +20,15 @@ template: the zero-shot table puts the two side by side.
   prompts whose answer is a rating (``review-rating``) are scored as ratings;
 - cold start: the sequential and direct rows sliced by the user's history length (< k) and by the held-out
   item's training interactions (<= k), and ``sequential/last-k`` rows that give ``cold_users`` users' last k
-  items only (a user known by k items), for recflm and every baseline that answers from a history.
+  items only (a user known by k items), for recflm and every baseline that answers from a history; where the
+  data holds users out of training (``prepare --holdout-users``), the ``|new-user`` and ``|seen-user`` slices:
+  a new user is asked from the history the row supplies, as serving asks about a user it does not know (a
+  per-user-ID baseline has no answer for one: shown n/a, not 0);
+- P5's cold-start prompts, where the catalog has attributes (MovieLens titles and genres): ``direct-attr``, the
+  yes/no question about the held-out item (yes) and one sampled negative (no) described by their attributes
+  instead of their IDs, for ``text_examples`` users (accuracy, precision, recall, F1 and AUC), and
+  ``direct-attr-choice``, the held-out item among ``ATTR_CANDIDATES`` - 1 of the fixed negatives, all described
+  by their attributes (HR@1/3, NDCG@3/5), each seen and held out; baselines score the same (history, item) pairs.
 
 Model inference runs as Ray Data batch inference: ``map_batches`` over the evaluation rows with an
 actor pool of model replicas (``replicas``), so it scales out like the rest of the platform.
@@ -67,6 +75,7 @@ class EvalConfig:
 
 # ----------------------------------------------------------------------------- evaluation rows
 ROW_COLUMNS = ["task", "user", "source", "prefix", "truth", "history", "exclude", "candidates", "target", "item"]
+SLICE_COLUMNS = ("history_len", "item_count", "new_user")  # what the cold-start slices of the scores read
 HELD_OUT = "/held-out"  # the suffix of a task scored with a template never used in training (zero-shot)
 
 
@@ -95,8 +104,9 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
     from .augment import EVAL_CANDIDATES, SPLIT_CODE, sample_negatives, example_rng, example_dataset
     from .config import PromptConfig
     from .dataset import PreparedData
-    from .prompts import (FAMILIES, format_rating, is_rated, load_templates, rated_positions, rating_input, rating_template,
-                          sequential_input, sequential_template)
+    from .prompts import (ATTR_CANDIDATES, ATTR_CANDIDATES_FIELD, ATTR_FIELD, ATTR_SEPARATOR, FAMILIES, attr_template,
+                          format_rating, is_rated, item_attributes, load_templates, rated_positions, rating_input,
+                          rating_template, sequential_input, sequential_template)
 
     data = PreparedData.open(data_dir)
     pcfg = from_dict(PrepareConfig, data.manifest["config"])
@@ -123,6 +133,9 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
                                     and need in t.fields and t.fields <= {"user", "history", "item", need}), None)
     direct_t = {"": pick(False, "candidates"), HELD_OUT: pick(True, "candidates")}
     yesno_t = {"": pick(False, "answer"), HELD_OUT: pick(True, "answer")}
+    attrs = item_attributes(data.catalog)  # the cold-start prompts: items described by attributes, where known
+    attr_t = {(choice, suffix): attr_template(temps, choice, held_out=bool(suffix))
+              for choice in (False, True) for suffix in ("", HELD_OUT)} if any(attrs) else {}
     rating_t = {"": rating_template(temps, dense=True), HELD_OUT: rating_template(temps, dense=True, held_out=True)} \
         if rated else {}
     lo, hi = pcfg.rating_min, pcfg.rating_max
@@ -178,6 +191,18 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
             if src is not None:
                 rows.append({**common, "task": "direct" + suffix, "source": src, "prefix": prefix or [],
                              "truth": index[t], "exclude": [], "candidates": cands, "target": ids[index[t]]})
+        attr_fields = {"user": user, "history": fields["history"]}
+        if user in yesno_users and attrs[index[t]]:  # the held-out item and 1-of-N - 1 fixed negatives, by attributes
+            choice = [j for j in cands if attrs[j]][:ATTR_CANDIDATES]
+            shown = list(choice)
+            example_rng(pcfg.seed, 0, cfg.split, user + "|attr").shuffle(shown)
+            for suffix in ("", HELD_OUT) if len(choice) > 1 else ():
+                temp = attr_t.get((True, suffix))
+                if temp is not None:
+                    src = temp.render({**attr_fields, ATTR_FIELD: attrs[index[t]],
+                                       ATTR_CANDIDATES_FIELD: ATTR_SEPARATOR.join(attrs[j] for j in shown)})[0]
+                    rows.append({**common, "task": "direct-attr-choice" + suffix, "source": src, "prefix": [],
+                                 "truth": index[t], "exclude": [], "candidates": choice, "target": attrs[index[t]]})
         if user in yesno_users:  # yes about the held-out item, no about one item the user never chose
             neg = sample_negatives(example_rng(pcfg.seed, 0, cfg.split, user + "|yes-no"), len(ids), set(index), 1)
             for item, answer in [(index[t], "yes")] + [(j, "no") for j in neg]:
@@ -191,6 +216,12 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
                             if temp else (None, None)
                     if src is not None:
                         rows.append({**common, "task": "direct-yesno" + suffix, "source": src, "prefix": prefix or [],
+                                     "truth": int(answer == "yes"), "exclude": [], "candidates": [item],
+                                     "target": answer})
+                    temp = attr_t.get((False, suffix))
+                    if temp is not None and attrs[item] and attrs[index[t]]:  # the same question, by attributes
+                        src = temp.render({**attr_fields, ATTR_FIELD: attrs[item], "answer": answer})[0]
+                        rows.append({**common, "task": "direct-attr" + suffix, "source": src, "prefix": [],
                                      "truth": int(answer == "yes"), "exclude": [], "candidates": [item],
                                      "target": answer})
     if rating_rows:
@@ -214,11 +245,14 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
                                  "item": r.item})
     out = pd.DataFrame(rows, columns=ROW_COLUMNS)
     out["history_len"] = out["history"].map(len)
+    new_users = data.holdout_users
+    out["new_user"] = out["user"].isin(new_users).astype(bool)
     counts = _item_counts(data)
     out["item_count"] = [int(counts[i]) if i >= 0 else -1 for i in
                          pd.Index(data.catalog["item"]).get_indexer(out["item"].fillna(""))]
     info = {"users": int(len(seqs)), "n_items": len(ids), "scale": (pcfg.rating_min, pcfg.rating_max),
-            "cold_ks": list(cfg.cold_ks)}
+            "cold_ks": list(cfg.cold_ks), "new_users": int(seqs["user"].isin(new_users).sum()),
+            "holdout": bool(new_users)}
     return out, info
 
 
@@ -244,6 +278,9 @@ class BundlePredictor:
         self.beams, self.top_k, self.scale = beams, top_k, tuple(scale)
         self.dense = (self.b.manifest.get("inference") or {}).get("sequential") == "dense"
         self.ids = list(self.b.catalog["id_text"])
+        from .prompts import item_attributes
+
+        self.attrs = item_attributes(self.b.catalog)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from .generate import generate_text, predict_ratings, predict_ratings_dense, score_candidates
@@ -253,7 +290,7 @@ class BundlePredictor:
         batch = batch.reset_index(drop=True)
         out = pd.DataFrame({"task": batch["task"], "user": batch["user"], "truth": batch["truth"],
                             "target": batch["target"]})
-        for col in ("history_len", "item_count"):  # what the cold-start slices of the scores read
+        for col in SLICE_COLUMNS:
             if col in batch:
                 out[col] = batch[col]
         out["items"] = [[] for _ in range(len(batch))]
@@ -274,6 +311,13 @@ class BundlePredictor:
                                               prefix=tokens(rows) if dense[rows].all() else None)
                 out.loc[m, "items"] = pd.Series([[int(i) for i in row if i >= 0] for row in items.tolist()],
                                                 index=sub.index)
+            elif f == "direct-attr-choice":  # the candidates' attribute texts, by sequence log-probability
+                scores = score_candidates(model, tok, list(sub["source"]),
+                                          [[self.attrs[i] for i in c] for c in sub["candidates"]])
+                out.loc[m, "rank"] = [rank_among_candidates(s, 0) for s in scores]
+            elif f == "direct-attr":  # the log-odds of yes against no
+                scores = score_candidates(model, tok, list(sub["source"]), [["yes", "no"]] * len(sub))
+                out.loc[m, "score"] = [float(y - n) for y, n in scores]
             elif f in ("direct", "direct-yesno"):
                 if dense[rows].all():  # the next-item scores of the candidates
                     s = self.search.item_scores(tok.encode_batch(list(sub["source"])), tokens(rows)).numpy()
@@ -297,44 +341,64 @@ class BundlePredictor:
             elif f in ("explanation", "review"):
                 out.loc[m, "text"] = generate_text(model, tok, list(sub["source"]), 32, 4)
         # the yes/no threshold: log-odds 0 for a yes/no answer, the task's median score for next-item scores
-        out["odds"] = ~dense
+        out["odds"] = ~dense | (fam == "direct-attr")
         return out
 
 
 # ----------------------------------------------------------------------------- scoring
-COLD_TASKS = ("sequential/seen", "direct")  # the tasks whose rows are sliced by user history and item count
+# the tasks whose rows are sliced by user history, item count and (with held-out users) new / seen user
+COLD_TASKS = ("sequential/seen", "direct", "direct-attr-choice")
+USER_SLICES = ("new-user", "seen-user")
+ATTR_CHOICE_KS = {"ks_hr": (1, 3), "ks_ndcg": (3, 5)}  # 1-of-ATTR_CANDIDATES: HR@5 would always be 1
 
 
-def cold_slices(rows: pd.DataFrame, ks) -> dict:
+def cold_slices(rows: pd.DataFrame, ks, users: bool = False) -> dict:
     """Masks over ``rows`` of the cold-start slices: users whose history before the held-out item is shorter
-    than k, and held-out items with at most k training interactions."""
+    than k, held-out items with at most k training interactions and, ``users`` (the data holds users out of
+    training), users never seen in training (``new-user``) and the others (``seen-user``)."""
     hist = rows["history_len"].to_numpy()
     count = rows["item_count"].to_numpy()
     out = {f"history<{k}": hist < k for k in ks}
     out.update({f"item<={k}": (count >= 0) & (count <= k) for k in ks})
+    if users:
+        new = rows["new_user"].to_numpy(dtype=bool) if "new_user" in rows else np.zeros(len(rows), dtype=bool)
+        out.update({"new-user": new, "seen-user": ~new})
     return out
 
 
-def ranking_result(ranks, rows: pd.DataFrame, task: str, ks, **metrics_kw) -> dict:
+def ranking_result(ranks, rows: pd.DataFrame, task: str, ks, users: bool = False, **metrics_kw) -> dict:
     """``task``'s ranking metrics and, for the cold-start tasks, those of every slice (``task|slice``)."""
     from .metrics import ranking_metrics
 
     ranks = np.asarray(ranks, dtype=np.int64)
     out = {task: {**ranking_metrics(ranks, **metrics_kw), "invalid": 0, "n": int(len(ranks))}}
     if task in COLD_TASKS:
-        for name, mask in cold_slices(rows, ks).items():
+        for name, mask in cold_slices(rows, ks, users).items():
             out[f"{task}|{name}"] = {**ranking_metrics(ranks[mask], **metrics_kw), "n": int(mask.sum())}
     return out
 
 
 def yesno_result(scores, truth, odds: bool) -> dict:
     """Accuracy, precision, recall and F1 of the yes answers (a score above the threshold: log-odds 0 for a
-    model that answers yes or no, the median for a scorer, which then answers yes for half the rows)."""
-    from .metrics import binary_metrics
+    model that answers yes or no, the median for a scorer, which then answers yes for half the rows), and
+    the AUC of the scores (no threshold)."""
+    from .metrics import auc, binary_metrics
 
     s = np.asarray(scores, dtype=float)
+    t = np.asarray(truth, dtype=bool)
     threshold = 0.0 if odds else float(np.median(s)) if len(s) else 0.0
-    return {**binary_metrics(s > threshold, np.asarray(truth, dtype=bool)), "n": int(len(s))}
+    return {**binary_metrics(s > threshold, t), "AUC": auc(s, t) if len(s) else float("nan"), "n": int(len(s))}
+
+
+def yesno_results(scores, rows: pd.DataFrame, task: str, odds: bool, users: bool = False) -> dict:
+    """``yesno_result`` of ``task`` and, with held-out users, of its new-user and seen-user slices."""
+    s, truth = np.asarray(scores, dtype=float), np.asarray(rows["truth"], dtype=bool)
+    out = {task: yesno_result(s, truth, odds)}
+    if users:
+        new = rows["new_user"].to_numpy(dtype=bool)
+        for name, mask in (("new-user", new), ("seen-user", ~new)):
+            out[f"{task}|{name}"] = yesno_result(s[mask], truth[mask], odds)
+    return out
 
 
 def _score(pred: pd.DataFrame, info: dict, k: int) -> dict:
@@ -348,17 +412,20 @@ def _score(pred: pd.DataFrame, info: dict, k: int) -> dict:
         p, f = pred[sel], family_of(task)
         if f == "sequential":
             lists = list(p["items"])
-            res.update(ranking_result(ranks_of_truth(lists, list(p["truth"])), p, task, info["cold_ks"]))
+            res.update(ranking_result(ranks_of_truth(lists, list(p["truth"])), p, task, info["cold_ks"],
+                                      info.get("holdout", False)))
             res[task]["invalid"] = int(sum(1 for lst in lists for i in lst if not 0 <= i < info["n_items"]))
             res[task]["short_lists"] = int(sum(1 for lst in lists if len(lst) < k))
             continue
-        if f == "direct":
-            res.update(ranking_result(list(p["rank"]), p, task, info["cold_ks"],
-                                      ks_hr=(1, 5, 10), ks_ndcg=(5, 10)))
+        if f in ("direct", "direct-attr-choice"):
+            res.update(ranking_result(list(p["rank"]), p, task, info["cold_ks"], info.get("holdout", False),
+                                      **(ATTR_CHOICE_KS if f == "direct-attr-choice" else
+                                         {"ks_hr": (1, 5, 10), "ks_ndcg": (5, 10)})))
             continue
-        if f == "direct-yesno":
-            m = yesno_result(p["score"], p["truth"], bool(p["odds"].all()))
-        elif f in ("rating", "review-rating"):
+        if f in ("direct-yesno", "direct-attr"):
+            res.update(yesno_results(p["score"], p, task, bool(p["odds"].all()), info.get("holdout", False)))
+            continue
+        if f in ("rating", "review-rating"):
             lo, hi = info["scale"]
             m = rating_metrics([parse_rating(t, lo, hi) for t in p["text"]], [float(t) for t in p["target"]])
         else:
@@ -384,6 +451,8 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
 
     data = PreparedData.open(data_dir)
     seqs = data.sequences_pandas(columns=["user", "index", "n_train"])
+    # users held out of training (prepare's holdout_users) are new users here too: no baseline trains on them
+    seqs = seqs[~seqs["user"].isin(data.holdout_users)].reset_index(drop=True)
     users = list(seqs["user"])
     train = [[int(i) for i in ix[:int(n)]] for ix, n in zip(seqs["index"], seqs["n_train"])]
     # validation: the user's training items, then the validation item (index[n_train]) where there is one
@@ -396,6 +465,7 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
     # a data set without ratings gives empty arrays: popularity then has no rating prediction
     ratings = {"items": pos[pos >= 0], "values": inter["rating"].to_numpy(dtype=float)[pos >= 0]}
     seq_tasks = [t for t in rows["task"].unique() if family_of(t) == "sequential" and not t.endswith(HELD_OUT)]
+    holdout = info.get("holdout", False)
     fit_args = {"two-tower": {"epochs": cfg.two_tower_epochs},
                 "SASRec": {"epochs": cfg.sasrec_epochs, "valid": valid, "patience": cfg.sasrec_patience,
                            "patience_steps": cfg.sasrec_patience_steps,
@@ -416,25 +486,53 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
             s[np.asarray(rec["exclude"], dtype=np.int64)] = -np.inf
         return np.argsort(-s, kind="stable")[:cfg.top_k].tolist()
 
+    def candidate_rank(s, rec):
+        return rank_among_candidates(s[np.asarray(rec["candidates"])], 0)
+
+    def item_score(s, rec):
+        return float(s[rec["candidates"][0]])
+
     out = {}
     for name, cls in BASELINES.items():
         t0 = time.perf_counter()
         model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed, **fit_args.get(name, {}))
+        by_history = getattr(model, "by_history", True)
         res = {}
-        for task in seq_tasks:
-            if task != "sequential/seen" and not getattr(model, "by_history", True):
-                continue  # a per-user ID embedding trained on the whole history: no answer for a user of k items
+
+        def answerable(task: str) -> pd.DataFrame:
+            """The task's rows this baseline can answer: a per-user ID model has none for a new user."""
             part = rows[rows["task"] == task]
+            if by_history or not holdout:
+                return part
+            return part[~part["new_user"].to_numpy(dtype=bool)]
+
+        def not_answered(task: str) -> None:
+            """The new-user slice of a model that cannot answer it: n/a with its n, not a score of 0."""
+            part = rows[rows["task"] == task]
+            if by_history or not holdout or task not in res:
+                return
+            n_new = int(part["new_user"].sum())
+            res[f"{task}|new-user"] = {"n": n_new, "n/a": "a per-user ID model has no answer for a new user"}
+            res[task]["unanswered"] = n_new
+
+        for task in seq_tasks:
+            if task != "sequential/seen" and not by_history:
+                continue  # a per-user ID embedding trained on the whole history: no answer for a user of k items
+            part = answerable(task)
             res.update(ranking_result(ranks_of_truth(scored(model, part, top), list(part["truth"])), part, task,
-                                      info["cold_ks"]))
-        part = rows[rows["task"] == "direct"]
-        if len(part):
-            ranks = scored(model, part, lambda s, rec: rank_among_candidates(s[np.asarray(rec["candidates"])], 0))
-            res.update(ranking_result(ranks, part, "direct", info["cold_ks"], ks_hr=(1, 5, 10), ks_ndcg=(5, 10)))
-        part = rows[rows["task"] == "direct-yesno"]
-        if len(part):  # a scorer answers yes above its median score
-            res["direct-yesno"] = yesno_result(scored(model, part, lambda s, rec: float(s[rec["candidates"][0]])),
-                                               part["truth"], odds=False)
+                                      info["cold_ks"], holdout))
+            not_answered(task)
+        for task, kw in (("direct", {"ks_hr": (1, 5, 10), "ks_ndcg": (5, 10)}), ("direct-attr-choice", ATTR_CHOICE_KS)):
+            part = answerable(task)
+            if len(part):
+                res.update(ranking_result(scored(model, part, candidate_rank), part, task, info["cold_ks"], holdout,
+                                          **kw))
+                not_answered(task)
+        for task in ("direct-yesno", "direct-attr"):  # a scorer answers yes above its median score
+            part = answerable(task)
+            if len(part):
+                res.update(yesno_results(scored(model, part, item_score), part, task, False, holdout))
+                not_answered(task)
         rr = rows[rows["task"] == "rating"]
         if hasattr(model, "predict_rating") and getattr(model, "rates", True) and len(rr):
             items = pd.Index(data.catalog["item"]).get_indexer(rr["item"])
@@ -458,8 +556,12 @@ TABLE_ROWS = [("sequential/seen", ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "
               ("sequential/held-out", ["HR@5", "HR@10", "NDCG@10", "invalid"]),
               ("direct", ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "invalid"]),
               ("direct/held-out", ["HR@10", "NDCG@10"]),
-              ("direct-yesno", ["accuracy", "precision", "recall", "F1"]),
-              ("direct-yesno/held-out", ["accuracy", "F1"]),
+              ("direct-yesno", ["accuracy", "precision", "recall", "F1", "AUC"]),
+              ("direct-yesno/held-out", ["accuracy", "F1", "AUC"]),
+              ("direct-attr", ["accuracy", "precision", "recall", "F1", "AUC"]),
+              ("direct-attr/held-out", ["accuracy", "F1", "AUC"]),
+              ("direct-attr-choice", ["HR@1", "HR@3", "NDCG@3", "NDCG@5"]),
+              ("direct-attr-choice/held-out", ["HR@1", "NDCG@5"]),
               ("rating", ["RMSE", "MSE", "MAE", "unparseable"]),
               ("rating/held-out", ["RMSE", "MAE"]),
               ("explanation", ["BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"]),
@@ -468,9 +570,11 @@ TABLE_ROWS = [("sequential/seen", ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "
               ("review/held-out", ["BLEU-4", "ROUGE-L"]),
               ("review-rating", ["RMSE", "MAE"]),
               ("review-rating/held-out", ["RMSE", "MAE"])]
-ZERO_SHOT = ["sequential", "direct", "direct-yesno", "rating", "explanation", "review", "review-rating"]
-ZERO_SHOT_METRIC = {"sequential": "NDCG@10", "direct": "NDCG@10", "direct-yesno": "F1", "rating": "RMSE",
-                    "explanation": "ROUGE-L", "review": "ROUGE-L", "review-rating": "RMSE"}
+ZERO_SHOT = ["sequential", "direct", "direct-yesno", "direct-attr", "direct-attr-choice", "rating", "explanation",
+             "review", "review-rating"]
+ZERO_SHOT_METRIC = {"sequential": "NDCG@10", "direct": "NDCG@10", "direct-yesno": "F1", "direct-attr": "AUC",
+                    "direct-attr-choice": "HR@1", "rating": "RMSE", "explanation": "ROUGE-L", "review": "ROUGE-L",
+                    "review-rating": "RMSE"}
 
 
 def _cell(v) -> str:
@@ -509,19 +613,34 @@ def format_zero_shot(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _slice_cell(entry: dict | None, metric: str) -> str:
+    """A slice's metric; ``n/a`` where the method cannot answer the slice (a per-user ID model, new users)."""
+    if entry and "n/a" in entry:
+        return "n/a"
+    return _cell((entry or {}).get(metric))
+
+
 def format_cold_start(results: dict, ks=(3, 5)) -> str:
-    """NDCG@10 and HR@10 per cold-start slice and method: short natural histories, the last-k rows, rare items."""
+    """Per cold-start slice and method: short natural histories, the last-k rows, rare items, new and seen users
+    (NDCG@10 and HR@10), and the prompts that describe items by attributes (AUC, HR@1)."""
     methods = list(results)
-    keys = ([f"sequential/seen|history<{k}" for k in ks] + [f"sequential/last-{k}" for k in ks]
-            + [f"sequential/seen|item<={k}" for k in ks] + [f"direct|item<={k}" for k in ks])
-    lines = [f"{'slice':<30} {'n':>6} {'metric':<8}" + "".join(f"{m:>13}" for m in methods)]
-    for key in keys:
+    rank = ("NDCG@10", "HR@10")
+    keys = ([(f"sequential/seen|history<{k}", rank) for k in ks] + [(f"sequential/last-{k}", rank) for k in ks]
+            + [(f"sequential/seen|item<={k}", rank) for k in ks] + [(f"direct|item<={k}", rank) for k in ks]
+            + [(f"{t}|{u}", rank) for t in ("sequential/seen", "direct") for u in USER_SLICES]
+            + [(f"direct-yesno|{u}", ("AUC", "F1")) for u in USER_SLICES]
+            + [("direct-attr", ("AUC", "F1"))] + [(f"direct-attr|{u}", ("AUC", "F1")) for u in USER_SLICES]
+            + [("direct-attr-choice", ("HR@1", "NDCG@5"))]
+            + [(f"direct-attr-choice|item<={k}", ("HR@1", "NDCG@5")) for k in ks]
+            + [(f"direct-attr-choice|{u}", ("HR@1", "NDCG@5")) for u in USER_SLICES])
+    lines = [f"{'slice':<34} {'n':>6} {'metric':<8}" + "".join(f"{m:>13}" for m in methods)]
+    for key, metrics in keys:
         if not any(key in results[m] for m in methods):
             continue
         n = next(results[m][key].get("n", 0) for m in methods if key in results[m])
-        for metric in ("NDCG@10", "HR@10"):
-            lines.append(f"{key if metric == 'NDCG@10' else '':<30} {n if metric == 'NDCG@10' else '':>6} "
-                         f"{metric:<8}" + "".join(f"{_cell(results[m].get(key, {}).get(metric)):>13}"
+        for j, metric in enumerate(metrics):
+            lines.append(f"{key if j == 0 else '':<34} {n if j == 0 else '':>6} "
+                         f"{metric:<8}" + "".join(f"{_slice_cell(results[m].get(key), metric):>13}"
                                                   for m in methods))
     return "\n".join(lines)
 
@@ -544,8 +663,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
     rows, info = build_rows(data_dir, str(bundle.templates_dir), cfg, log, inference=bundle.manifest.get("inference"))
     log(f"evaluate: {info['users']} users, {len(rows)} prompts on split {cfg.split}, "
         f"{cfg.replicas} model replica(s)")
-    cols = rows[["task", "user", "source", "prefix", "truth", "exclude", "candidates", "target", "history_len",
-                 "item_count"]]
+    cols = rows[["task", "user", "source", "prefix", "truth", "exclude", "candidates", "target", *SLICE_COLUMNS]]
     step = max(1, math.ceil(len(cols) / max(4, 4 * cfg.replicas)))
     ds = ray.data.from_pandas([cols.iloc[i:i + step] for i in range(0, len(cols), step)])
     threads = max(1, int(cfg.cpus_per_replica))
@@ -579,7 +697,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     out = write()
     print(format_table(results))
     print("\nzero-shot: seen vs held-out (never trained) templates, recflm\n" + format_zero_shot(results))
-    print("\ncold start: short histories and rare items\n" + format_cold_start(results, info["cold_ks"]))
+    print("\ncold start: short histories, rare items, new users, items described by attributes\n"
+          + format_cold_start(results, info["cold_ks"]))
     log(f"evaluate: metrics written to {path} ({out['seconds']} s)")
     return out
 

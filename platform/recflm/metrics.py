@@ -1,4 +1,4 @@
-"""Evaluation metrics: ranking (HR@k = recall@k, NDCG@k), yes/no (accuracy, precision, recall, F1), rating
+"""Evaluation metrics: ranking (HR@k = recall@k, NDCG@k), yes/no (accuracy, precision, recall, F1, AUC), rating
 (RMSE, MSE, MAE) and text (BLEU-4, ROUGE-1/2/L).
 
 Ranking metrics take, per user, the 0-based rank of the true item in the returned list (``-1``
@@ -73,6 +73,25 @@ def binary_metrics(predicted, truth) -> dict:
     return {"accuracy": float(np.mean(p == t)), "precision": precision, "recall": recall,
             "F1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
             "positive_share": float(p.mean())}
+
+
+def auc(scores, labels) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``labels``: the probability that a random positive
+    scores above a random negative, ties counting one half (the Mann-Whitney statistic, from average ranks).
+    NaN when either class is empty."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=float)
+    sorted_s = s[order]
+    # average rank (1-based) of each run of equal scores
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def text_metrics(predicted: list[str], references: list[str]) -> dict:

@@ -49,6 +49,9 @@ def plan(cfg: PrepareConfig) -> list[SourcePlan]:
     plans = [plan_source(s, name) for s, name in zip(sources, source_names(sources))]
     if cfg.k_core < 0:
         raise PrepareError(f"k_core must be >= 0, got {cfg.k_core}")
+    if not 0.0 <= cfg.holdout_users < 1.0:
+        raise PrepareError(f"holdout_users is the share of users held out of training, in [0, 1): got "
+                           f"{cfg.holdout_users}")
     if not cfg.rating_min < cfg.rating_max:
         raise PrepareError("rating_min must be below rating_max")
     out = Path(cfg.out)
@@ -98,6 +101,28 @@ def _user_hash(users: np.ndarray, seed: int) -> np.ndarray:
     return pd.util.hash_array(np.asarray(users, dtype=object), hash_key=key, categorize=False).astype(np.uint64)
 
 
+def holdout_mask(users, seed: int, share: float) -> np.ndarray:
+    """Which users are held out of training (``holdout_users``): a seeded hash of the user key below ``share``,
+    so the same users whatever the partitioning, and a larger share holds out a superset."""
+    users = np.asarray(users, dtype=object)
+    if share <= 0 or len(users) == 0:
+        return np.zeros(len(users), dtype=bool)
+    key = hashlib.sha256(f"holdout/{seed}".encode()).hexdigest()[:16]
+    h = pd.util.hash_array(users, hash_key=key, categorize=False).astype(np.uint64)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
+
+
+def holdout_block(t: pa.Table, seed: int, share: float) -> pa.Table:
+    """Per block: a held-out user's training part becomes split ``history`` (its validation and test items
+    stay the targets), so nothing that reads split ``train`` (IDs, counts, examples, baselines) sees it."""
+    if share <= 0 or t.num_rows == 0:
+        return t
+    held = pa.array(holdout_mask(pc.fill_null(t["user"], "").to_numpy(zero_copy_only=False), seed, share))
+    relabel = pc.and_(held, pc.fill_null(pc.equal(t["split"], "train"), False))
+    split = pc.if_else(relabel, pa.scalar("history", pa.string()), t["split"])
+    return t.set_column(t.schema.get_field_index("split"), "split", split)
+
+
 def _kept(t: pa.Table) -> pa.Table:
     return t.filter(pc.and_(pc.is_null(t["reason"]), pc.equal(t["kind"], "interaction")))
 
@@ -141,7 +166,7 @@ def cooc_block(t: pa.Table, item_index: dict) -> pd.DataFrame:
 SEQUENCE_SCHEMA = pa.schema([
     ("user", pa.string()), ("source", pa.string()), ("items", pa.list_(pa.string())),
     ("index", pa.list_(pa.int32())), ("ids", pa.list_(pa.string())), ("ratings", pa.list_(pa.float64())),
-    ("ts", pa.list_(pa.int64())), ("n_train", pa.int32()),
+    ("ts", pa.list_(pa.int64())), ("n_train", pa.int32()), ("holdout", pa.bool_()),
 ])
 
 
@@ -160,7 +185,9 @@ def sequences_block(t: pa.Table, catalog_index: pd.Index, id_texts: np.ndarray) 
     def lst(values, typ):
         return pa.ListArray.from_arrays(offsets, pa.array(values, type=typ))
 
-    n_train = (kept["split"] == "train").groupby(kept["user"], sort=False).sum()
+    before = kept["split"].isin(["train", "history"])  # a held-out user's history stands where training items do
+    n_train = before.groupby(kept["user"], sort=False).sum()
+    holdout = (kept["split"] == "history").groupby(kept["user"], sort=False).any()
     return pa.Table.from_arrays([
         pa.array(users[starts], pa.string()),
         pa.array(kept["source"].to_numpy(dtype=object)[starts], pa.string()),
@@ -170,12 +197,14 @@ def sequences_block(t: pa.Table, catalog_index: pd.Index, id_texts: np.ndarray) 
         lst(kept["rating"].to_numpy(np.float64), pa.float64()),
         lst(kept["ts"].to_numpy(np.int64), pa.int64()),
         pa.array(n_train.reindex(users[starts]).to_numpy(np.int32), pa.int32()),
+        pa.array(holdout.reindex(users[starts]).to_numpy(bool), pa.bool_()),
     ], schema=SEQUENCE_SCHEMA)
 
 
 def users_block(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"user": df["user"], "source": df["source"],
-                         "n_total": df["items"].map(len).astype("int32"), "n_train": df["n_train"]})
+                         "n_total": df["items"].map(len).astype("int32"), "n_train": df["n_train"],
+                         "holdout": df["holdout"]})
 
 
 INTERACTION_SCHEMA = pa.schema([
@@ -247,7 +276,11 @@ def run(cfg: PrepareConfig, log=print) -> dict:
             removed = np.sort(np.concatenate([removed, weak]))
     log(f"prepare: k-core (k={k}) converged after {passes} pass(es), {len(removed)} items removed by degree")
     final = deduped.map_batches(finalize_block, fn_kwargs={"removed": removed, "k": k},
-                                batch_format="pyarrow", batch_size=None).materialize()
+                                batch_format="pyarrow", batch_size=None)
+    if cfg.holdout_users > 0:
+        final = final.map_batches(holdout_block, fn_kwargs={"seed": cfg.seed, "share": cfg.holdout_users},
+                                  batch_format="pyarrow", batch_size=None)
+    final = final.materialize()
 
     log("prepare: finalized")
     # catalog: first appearances -> IDs, plus metadata
@@ -295,7 +328,7 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     manifest = {
         "kind": "recflm-dataset", "format_version": 1, "recflm_version": __version__,
         "created_unix": int(time.time()), "sources": fingerprint(plans), "config": to_dict(cfg),
-        "indexing": cfg.indexing, "families": stats["families"],
+        "indexing": cfg.indexing, "families": stats["families"], "holdout_users": stats["holdout_users"],
         "primary_source": plans[0].name, "review_sources": [p.name for p in plans if p.review_text],
         "versions": _versions(), "layout": [INTERACTIONS, REJECTS, SEQUENCES, USERS, ITEMS, STATS],
     }
@@ -312,8 +345,9 @@ def _stats(acct: pd.DataFrame, seqs, catalog: pd.DataFrame, plans, k: int, passe
         d = per_file.setdefault(f, {"input_rows": 0, "kept": 0, "rejected": 0})
         d["input_rows"] += int(n)
         d["kept" if outcome == "kept" else "rejected"] += int(n)
-    lens = seqs.map_batches(lambda b: pd.DataFrame({"n": b["items"].map(len), "t": b["n_train"]}),
-                            batch_format="pandas").to_pandas()
+    lens = seqs.map_batches(lambda b: pd.DataFrame({"n": b["items"].map(len), "t": b["n_train"],
+                                                   "h": b["holdout"]}), batch_format="pandas").to_pandas()
+    held = lens["h"].to_numpy(bool) if len(lens) else np.zeros(0, dtype=bool)
     n_inter = int(lens["n"].sum())
     families = ["sequential", "direct"]
     if any(p.has_rating for p in plans):
@@ -333,8 +367,9 @@ def _stats(acct: pd.DataFrame, seqs, catalog: pd.DataFrame, plans, k: int, passe
         "density": n_inter / max(1, len(lens) * len(catalog)),
         "seq_len_mean": float(lens["n"].mean()) if len(lens) else 0.0,
         "seq_len_median": float(lens["n"].median()) if len(lens) else 0.0,
-        "split_rows": {"train": int(lens["t"].sum()), "valid": int(((lens["n"] - lens["t"]) >= 1).sum()),
-                       "test": int(((lens["n"] - lens["t"]) >= 2).sum())},
+        "split_rows": {"train": int(lens["t"][~held].sum()), "valid": int(((lens["n"] - lens["t"]) >= 1).sum()),
+                       "test": int(((lens["n"] - lens["t"]) >= 2).sum()), "history": int(lens["t"][held].sum())},
+        "holdout_users": int(held.sum()),
         "k_core": k, "k_core_passes": passes, "families": families,
         "seconds": round(seconds, 2),
     }
@@ -359,6 +394,8 @@ def format_stats(stats: dict) -> str:
              ("items in train", stats["items_in_train"]), ("density", f"{stats['density']:.5f}"),
              ("sequence length mean / median", f"{stats['seq_len_mean']:.1f} / {stats['seq_len_median']:.0f}"),
              ("train / valid / test rows", "{train} / {valid} / {test}".format(**stats["split_rows"])),
+             ("held-out users (history rows)",
+              f"{stats.get('holdout_users', 0)} ({stats['split_rows'].get('history', 0)})"),
              ("k-core (k, passes)", f"{stats['k_core']}, {stats['k_core_passes']}"),
              ("task families", ", ".join(stats["families"])), ("seconds", stats["seconds"])]
     w = max(len(r[0]) for r in rows)
@@ -388,6 +425,10 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--delimiter", help="field separator of every --table CSV (default: ',' or, for .tsv, a tab)")
     p.add_argument("--k-core", type=int, help="k for iterative k-core filtering (config key: k_core)")
     p.add_argument("--indexing", choices=["sequential", "random", "collaborative"], help="item ID scheme")
+    p.add_argument("--holdout-users", type=float, metavar="P",
+                   help="hold this share of users (seeded hash) out of every training family and stage: their "
+                        "history is split 'history', their last items the valid/test targets; evaluate reports "
+                        "them as new users (config key: holdout_users)")
     p.add_argument("--preview", type=int, default=0, metavar="N",
                    help="print N rendered (source -> target) examples per task family after preparing")
     p.add_argument("--skip-existing", action="store_true",
@@ -401,7 +442,7 @@ def add_arguments(p, name: str) -> None:
 def command(args) -> int:
     from .dataset import PreparedData
 
-    cfg = flags_into(load_config(PrepareConfig, args.config, args.overrides), args, ("out", "k_core", "indexing"))
+    cfg = flags_into(load_config(PrepareConfig, args.config, args.overrides), args, ("out", "k_core", "indexing", "holdout_users"))
     if len(args.columns) != len(args.table):
         raise ConfigError("give one --columns map per --table")
     extra = [SourceConfig(type="movielens", path=d) for d in args.movielens]

@@ -2,8 +2,9 @@
 
 A template is ``{id, source, target, held_out}``; ``source`` and ``target`` are ``str.format``
 strings over the fields of one example (``user``, ``item``, ``item_desc``, ``history``,
-``candidates``, ``rating``, ``text``, ``summary``, ``answer``). A template is used for an example only
-when every field it names is present. Templates marked ``held_out`` are never used in training: they
+``candidates``, ``rating``, ``text``, ``summary``, ``answer``, and for P5's cold-start prompts ``item_attr`` and
+``candidate_attrs``: an item described by its attributes instead of its ID, see ``item_attributes``). A template
+is used for an example only when every field it names is present. Templates marked ``held_out`` are never used in training: they
 are kept for zero-shot evaluation (P5 holds out the last prompt of each family the same way).
 """
 from __future__ import annotations
@@ -89,6 +90,65 @@ def usable(templates: list[Template], ex: dict, held_out: bool | None) -> list[T
     """Templates of a family whose fields the example has (``held_out`` None: both kinds)."""
     have = {k for k, v in ex.items() if v is not None}
     return [t for t in templates if t.fields <= have and (held_out is None or t.held_out == held_out)]
+
+
+# P5's cold-start prompts: the item is described by its attributes (MovieLens: title and genres; a catalog
+# ``attributes`` column, e.g. Amazon attribute ids, where prepare wrote one) instead of its ID, so a model can
+# answer about an item it never saw in training. ``direct`` templates with these fields are used only where the
+# item (and, for a choice, every candidate) has attributes
+ATTR_FIELD = "item_attr"
+ATTR_CANDIDATES_FIELD = "candidate_attrs"
+ATTR_CANDIDATES = 5  # candidates in a 1-of-N choice by attributes (training and evaluation)
+ATTR_SEPARATOR = "; "
+
+
+def _text(v) -> str | None:
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, str):
+        return v.strip() or None
+    try:
+        parts = [str(x).strip() for x in v if x is not None and str(x).strip()]
+    except TypeError:
+        return str(v)
+    return ", ".join(parts) or None
+
+
+def item_attributes(catalog) -> list:
+    """Per catalog row, the item described by its attributes (``titled "Toy Story (1995)", genres Adventure,
+    Animation``), or None for an item without any. Reads the catalog's ``title``, ``genres`` (MovieLens'
+    ``A|B`` lists; ``(no genres listed)`` is no genre) and ``attributes`` (a list or a string) columns, where
+    present."""
+    n = len(catalog)
+    col = lambda name: list(catalog[name]) if name in catalog else [None] * n  # noqa: E731
+    out = []
+    for title, genres, attrs in zip(col("title"), col("genres"), col("attributes")):
+        parts = []
+        title = _text(title)
+        if title:
+            parts.append(f'titled "{title}"')
+        g = _text(genres)
+        if g and g != "(no genres listed)":
+            parts.append("genres " + ", ".join(x.strip() for x in g.split("|") if x.strip()))
+        a = _text(attrs)
+        if a:
+            parts.append("attributes " + a)
+        out.append(", ".join(parts) or None)
+    return out
+
+
+def is_attr(t: Template) -> bool:
+    """A cold-start template: it describes the item by its attributes."""
+    return ATTR_FIELD in t.fields or ATTR_CANDIDATES_FIELD in t.fields
+
+
+def attr_template(templates: dict, choice: bool, held_out: bool = False) -> Template | None:
+    """The first direct template describing items by attributes: a yes/no question (``choice`` False) or a
+    1-of-N choice among ``candidate_attrs``, seen (training's) or held out (zero-shot)."""
+    need = ATTR_CANDIDATES_FIELD if choice else "answer"
+    allowed = {"user", "history", ATTR_FIELD, need}
+    return next((t for t in templates.get("direct", []) if t.held_out == held_out and need in t.fields
+                 and ATTR_FIELD in t.fields and t.fields <= allowed), None)
 
 
 DENSE_FIELD = "sequence"  # a sequential template whose target is {sequence} is of the dense style
