@@ -96,6 +96,10 @@ class PrepareConfig:
     min_ts: int = 0  # timestamps before this (seconds) are rejected as bad
     max_ts: int = 4102444800  # 2100-01-01
     num_partitions: int = 0  # hash partitions by user (0: from the input size)
+    # users too short for leave-one-out (fewer than 3 interactions) normally train only; this seeded share of them
+    # is held out whole instead (half to valid, half to test; stats: held_out_users): the text families (rating,
+    # explanation, review) are evaluated on them. For data of one-off reviewers (Amazon Fine Food), e.g. 0.2
+    holdout_short_users: float = 0.0
     seed: int = 2022
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)

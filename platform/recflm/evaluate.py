@@ -111,7 +111,7 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
     seqs = data.sequences_pandas(columns=["user", "index", "n_train", "items", "ratings"])
     off = SPLIT_CODE[cfg.split] - 1
     seqs = seqs[seqs["index"].map(len) > seqs["n_train"] + off].reset_index(drop=True)
-    seqs = seqs[seqs["n_train"] + off >= 1]
+    seqs = seqs[(seqs["n_train"] + off >= 1) & (seqs["n_train"] >= 1)]  # n_train 0: held out whole (text only)
     if cfg.max_users:
         seqs = seqs.head(cfg.max_users)
     dense = inference.get("sequential") == "dense"
