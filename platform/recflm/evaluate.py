@@ -17,7 +17,8 @@ template: the zero-shot table puts the two side by side.
   yes above its median score);
 - rating: RMSE, MSE and MAE of the expected rating over the scale, unparseable outputs counted;
 - explanation / review: BLEU-4 and ROUGE-1/2/L of the decoded text, where the data has text; review
-  prompts whose answer is a rating (``review-rating``) are scored as ratings;
+  prompts whose answer is a rating (``review-rating``) are scored as ratings; the review family's baselines
+  (``review_baselines``: lead, nearest, means, bow-ridge) answer the same rows from the review text;
 - cold start: the sequential and direct rows sliced by the user's history length (< k) and by the held-out
   item's training interactions (<= k), and ``sequential/last-k`` rows that give ``cold_users`` users' last k
   items only (a user known by k items), for recflm and every baseline that answers from a history.
@@ -417,7 +418,12 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
         return np.argsort(-s, kind="stable")[:cfg.top_k].tolist()
 
     out = {}
+    # a data set of text tasks only (the review family): the ranking baselines that answer nothing are not trained
+    ranked = any(family_of(t) in ("sequential", "direct", "direct-yesno") for t in rows["task"].unique())
+    rated = bool((rows["task"] == "rating").any())
     for name, cls in BASELINES.items():
+        if not ranked and not (rated and hasattr(cls, "predict_rating")):
+            continue
         t0 = time.perf_counter()
         model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed, **fit_args.get(name, {}))
         res = {}
@@ -448,7 +454,24 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
                 f"{res['best_val_ndcg10']:.4f})" if "best_val_ndcg10" in res else "")
         log(f"evaluate: baseline {name} trained and scored in {res['train_seconds']} s{stop}")
         out[name] = res
+    out.update(_review_baseline_results(data, rows, info, cfg, log))
     return out
+
+
+def _review_baseline_results(data, rows: pd.DataFrame, info: dict, cfg: EvalConfig, log=print) -> dict:
+    """The review family's baselines (``review_baselines``: lead, nearest, means, bow-ridge), fit on the training
+    interactions and scored on the seen ``review`` / ``review-rating`` rows, each answered from the row's
+    review text (its interaction of the evaluation split)."""
+    from .review_baselines import RATING_TASK, SUMMARY_TASK, score_review_baselines
+
+    part = rows[rows["task"].isin([SUMMARY_TASK, RATING_TASK])]
+    if part.empty:
+        return {}
+    inter = data.interactions_pandas(columns=["user", "item", "rating", "text", "summary", "split"])
+    train = inter[inter["split"] == "train"]
+    review = inter[inter["split"] == cfg.split].drop_duplicates(["user", "item"]).set_index(["user", "item"])["text"]
+    part = part.assign(text=review.reindex(pd.MultiIndex.from_frame(part[["user", "item"]])).to_numpy())
+    return score_review_baselines(train, part, info["scale"], log)
 
 
 SCORE_BATCH = 1024  # users scored at a time by a baseline (a (batch, n_items) array)
@@ -593,7 +616,8 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--bundle", help="the model bundle (config key: bundle)")
     p.add_argument("--data", help="prepared dataset directory (default: the one the bundle was trained on)")
     p.add_argument("--split", choices=["valid", "test"], help="evaluation split (default test)")
-    p.add_argument("--baselines", action="store_true", help="also train and score popularity, two-tower and SASRec")
+    p.add_argument("--baselines", action="store_true", help="also train and score popularity, two-tower and SASRec "
+                   "(and, for the review family, lead, nearest, means and bow-ridge)")
     p.add_argument("--replicas", type=int, help="model replicas in the Ray Data actor pool")
     p.add_argument("--max-users", type=int, help="evaluate the first N users only (0: all)")
 
