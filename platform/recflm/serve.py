@@ -123,6 +123,9 @@ class ServeConfig:
     auth_token_file: str = ""
 
 
+REVIEW_BODY_SLACK = 1024  # bytes of a POST /v1/review body beside its text (the other fields, JSON, escapes)
+
+
 def check_config(cfg: ServeConfig) -> None:
     if not cfg.bundle:
         raise ConfigError("bundle: no bundle given")
@@ -147,6 +150,10 @@ def check_config(cfg: ServeConfig) -> None:
                 "max_batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    if cfg.max_review_chars + REVIEW_BODY_SLACK > cfg.max_body_bytes:  # the schema would promise what 413 refuses
+        raise ConfigError(f"max_review_chars={cfg.max_review_chars} does not fit in max_body_bytes="
+                          f"{cfg.max_body_bytes}: a review that long needs max_body_bytes >= "
+                          f"{cfg.max_review_chars + REVIEW_BODY_SLACK} (or lower max_review_chars)")
 
 
 def load_serve_config(path: str | None, overrides: list[str] | None = None) -> ServeConfig:
