@@ -63,6 +63,20 @@ def cast_model(model, dtype: str):
     return model
 
 
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float as None: a manifest's metrics may hold NaN (a bundle trained
+    without a next-item family has no val_ndcg10), and JSON has no NaN."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _listing(values: list, limit: int = 10) -> str:
     shown = ", ".join(repr(v) for v in values[:limit])
     return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
@@ -99,7 +113,7 @@ class ModelState:
         self.bundle = load_bundle(bundle)
         b = self.bundle
         self.path = str(Path(bundle).resolve())
-        self.manifest = b.manifest
+        self.manifest = json_safe(b.manifest)  # what GET /v1/model answers (JSON)
         self.version = hashlib.sha256((b.path / "manifest.json").read_bytes()).hexdigest()[:12]
         cat = b.catalog.sort_values("index").reset_index(drop=True)
         self.catalog = cat

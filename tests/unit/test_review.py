@@ -127,3 +127,14 @@ def test_bow_ridge_learns_the_sentiment_of_words():
     hi, lo, unknown = model.ratings(pd.DataFrame({"text": ["love it, great", "stale and awful", "qwerty"]}))
     assert hi > 4.0 and lo < 2.0 and unknown == pytest.approx(3.0)
     assert all(1.0 <= v <= 5.0 for v in (hi, lo))
+
+
+def test_served_manifest_is_json_safe():
+    import json
+
+    from recflm.serve_model import json_safe
+
+    m = {"metrics": {"val_ndcg10": float("nan"), "val_loss": 3.5, "h": [float("inf"), 1]}, "families": ["review"]}
+    out = json_safe(m)
+    assert out == {"metrics": {"val_ndcg10": None, "val_loss": 3.5, "h": [None, 1]}, "families": ["review"]}
+    json.dumps(out, allow_nan=False)
