@@ -294,7 +294,7 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     manifest = {
         "kind": "recflm-dataset", "format_version": 1, "recflm_version": __version__,
         "created_unix": int(time.time()), "sources": fingerprint(plans), "config": to_dict(cfg),
-        "indexing": cfg.indexing, "families": stats["families"],
+        "indexing": cfg.indexing, "families": stats["families"], "held_out_users": stats["held_out_users"],
         "primary_source": plans[0].name, "review_sources": [p.name for p in plans if p.review_text],
         "versions": _versions(), "layout": [INTERACTIONS, REJECTS, SEQUENCES, USERS, ITEMS, STATS],
     }
