@@ -304,7 +304,7 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
             continue
         # evaluation splits: the held-out item of this split as target, everything before as history
         t = n_train + SPLIT_CODE[split] - 1
-        if t >= total or t < 1:
+        if t >= total or t < 1 or n_train < 1:  # n_train 0: a user held out whole (text families only)
             continue
         hist = seq[max(0, t - H):t]
         if "sequential" in families and style != "prompt":

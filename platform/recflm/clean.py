@@ -15,11 +15,19 @@ Reason codes (``REASONS``):
   interaction wins** (ties broken by rating, then text); the earlier ones are rejected with this
   reason. Keeping the latest means a held-out (last) interaction never has an earlier copy left in
   the training part.
+- ``repeat_text``: an interaction whose text is degenerate: one segment said again and again (``repeated_text``:
+  the words, case and punctuation aside, are a block of words repeated at least twice, at least 3 words in
+  all, e.g. "great great great" or "Yum! Love it. Yum! Love it."); a review like that teaches the text
+  families nothing and its summary or rating is noise
 - ``tag_without_interaction``: a MovieLens tag for a (user, item) pair that has no rating
 - ``kcore``: removed by iterative k-core filtering (users and items with fewer than k interactions)
 - ``already_in_dataset`` / ``already_rejected`` (``prepare --update`` only, see prepare_update.py): a new
   interaction identical (user, item, rating, time) to one the dataset holds, or a new row identical to one
   it rejected before
+
+Split (``finalize_block``): leave-one-out per user (see there); with ``holdout_short_users`` a seeded share of
+the users too short for it (fewer than 3 interactions) is held out whole into valid / test, so that data of
+one-off reviewers (Amazon Fine Food: 96% of the users) still has text-family examples to evaluate.
 
 Text is normalised (HTML entities decoded, tags such as ``<br />`` removed, whitespace collapsed);
 empty text is null. Ratings are mapped linearly from the source's scale onto one scale.
@@ -36,12 +44,42 @@ import pyarrow.compute as pc
 
 REASONS = (
     "malformed_row", "missing_user", "missing_item", "missing_rating", "bad_rating", "rating_out_of_range",
-    "bad_timestamp", "duplicate", "repeat_earlier", "tag_without_interaction", "kcore",
+    "bad_timestamp", "repeat_text", "duplicate", "repeat_earlier", "tag_without_interaction", "kcore",
     "already_in_dataset", "already_rejected",
 )
 TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _TAG_RE = re.compile(r"<[^>]{0,200}>")
 _WS_RE = re.compile(r"\s+")
+_WORD_RE = re.compile(r"\w+")
+REPEAT_MIN_WORDS = 3  # a repeated text has at least this many words (so "so so" or "bye bye" stay)
+
+
+def _period(words: list) -> int:
+    """The smallest p such that ``words`` is its first p words repeated (prefix function; len(words) if none)."""
+    n = len(words)
+    pi = [0] * n
+    for i in range(1, n):
+        j = pi[i - 1]
+        while j and words[i] != words[j]:
+            j = pi[j - 1]
+        if words[i] == words[j]:
+            j += 1
+        pi[i] = j
+    p = n - pi[-1] if n else 0
+    return p if n and n % p == 0 else n
+
+
+def repeated_text(s: pd.Series) -> np.ndarray:
+    """True where the text is one block of words said at least twice (case and punctuation aside), with at
+    least ``REPEAT_MIN_WORDS`` words in all; null text is not repeated."""
+    out = np.zeros(len(s), dtype=bool)
+    for i, t in enumerate(s):
+        if not isinstance(t, str):
+            continue
+        words = _WORD_RE.findall(t.lower())
+        if len(words) >= REPEAT_MIN_WORDS and _period(words) < len(words):
+            out[i] = True
+    return out
 
 
 def normalise_text(s: pd.Series) -> pd.Series:
@@ -123,6 +161,9 @@ class RowCleaner:
             mark(inter & ((r < lo) | (r > hi)), "rating_out_of_range")
             rating = rating.where(~sel, self.rmin + (r - lo) * (self.rmax - self.rmin) / (hi - lo))
         mark(ts.isna() | (ts < self.min_ts) | (ts > self.max_ts), "bad_timestamp")
+        text = normalise_text(df["text"])
+        if (kind == "interaction").any():
+            mark(pd.Series(repeated_text(text), index=df.index) & (kind == "interaction"), "repeat_text")
 
         bad_rows = reason.notna()
         ok = ~bad_rows
@@ -136,7 +177,7 @@ class RowCleaner:
             "item": (source + ":" + item).where(ok, item),
             "rating": rating.where(kind == "interaction").round(4),
             "ts": ts.where(ok, 0).fillna(0).astype("int64"),
-            "text": normalise_text(df["text"]).where(ok, df["text"]),
+            "text": text.where(ok, df["text"]),
             "summary": normalise_text(df["summary"]).where(ok, df["summary"]),
             "reason": reason,
             "rating_raw": _str_where(df["rating"], bad_rows),
@@ -224,11 +265,24 @@ def kcore_item_counts(t: pa.Table, removed: np.ndarray, k: int) -> pa.Table:
     return pa.table({"item_hash": pa.array(h, pa.uint64()), "n": pa.array(n, pa.int64())})
 
 
-def finalize_block(t: pa.Table, removed: np.ndarray, k: int) -> pa.Table:
+def held_out_users(users: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Per user: "valid", "test" or "" (not held out): a seeded hash draw, ``share / 2`` of the users each."""
+    if share <= 0 or len(users) == 0:
+        return np.full(len(users), "", dtype=object)
+    key = f"holdout{seed}".encode().hex()[:16].ljust(16, "0")
+    h = pd.util.hash_array(np.asarray(users, dtype=object), hash_key=key, categorize=False).astype(np.uint64)
+    u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return np.where(u < share / 2, "valid", np.where(u < share, "test", "")).astype(object)
+
+
+def finalize_block(t: pa.Table, removed: np.ndarray, k: int, holdout: float = 0.0, seed: int = 0) -> pa.Table:
     """Per user-partition: k-core reasons, time order, positions and the leave-one-out split.
 
     Users with 3 or more interactions: last = test, second-to-last = valid, the rest train.
-    Users with fewer (only possible with k < 3) keep all of theirs in train."""
+    Users with fewer (only possible with k < 3) keep all of theirs in train, except, with ``holdout`` > 0
+    (``PrepareConfig.holdout_short_users``), that share of them (``held_out_users``: half valid, half test),
+    whose interactions all go to that split: a held-out user has no training data, so no (user, item)
+    pair of it is in any training prompt."""
     reason = t["reason"].combine_chunks()
     if k > 1:
         alive, inter = _alive(t, removed, k)
@@ -250,6 +304,10 @@ def finalize_block(t: pa.Table, removed: np.ndarray, k: int) -> pa.Table:
     pos = np.arange(n_rows) - np.repeat(starts, sizes)
     n = np.repeat(sizes, sizes)
     split = np.where((n >= 3) & (pos == n - 1), "test", np.where((n >= 3) & (pos == n - 2), "valid", "train"))
+    if holdout > 0 and n_rows:
+        first = kept["user"].take(pa.array(starts)).to_numpy(zero_copy_only=False)
+        held = np.repeat(held_out_users(first, holdout, seed), sizes)
+        split = np.where((n < 3) & (held != ""), held, split)
     kept = kept.append_column("pos", pa.array(pos, pa.int32())).append_column("split", pa.array(split, pa.string()))
     rest = t.filter(pa.array(~keep))
     rest = rest.append_column("pos", pa.array(np.full(len(rest), -1), pa.int32())) \

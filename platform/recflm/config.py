@@ -99,6 +99,10 @@ class PrepareConfig:
     # share of users (a seeded hash of the user key) held out of every training family and stage: new users for
     # evaluation, their history given at request time as serving gets it (split "history" in the data)
     holdout_users: float = 0.0
+    # users too short for leave-one-out (fewer than 3 interactions) normally train only; this seeded share of them
+    # is held out whole instead (half to valid, half to test; stats: held_out_users): the text families (rating,
+    # explanation, review) are evaluated on them. For data of one-off reviewers (Amazon Fine Food), e.g. 0.2
+    holdout_short_users: float = 0.0
     seed: int = 2022
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)

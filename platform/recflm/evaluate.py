@@ -17,7 +17,8 @@ template: the zero-shot table puts the two side by side.
   yes above its median score);
 - rating: RMSE, MSE and MAE of the expected rating over the scale, unparseable outputs counted;
 - explanation / review: BLEU-4 and ROUGE-1/2/L of the decoded text, where the data has text; review
-  prompts whose answer is a rating (``review-rating``) are scored as ratings;
+  prompts whose answer is a rating (``review-rating``) are scored as ratings; the review family's baselines
+  (``review_baselines``: lead, nearest, means, bow-ridge) answer the same rows from the review text;
 - cold start: the sequential and direct rows sliced by the user's history length (< k) and by the held-out
   item's training interactions (<= k), and ``sequential/last-k`` rows that give ``cold_users`` users' last k
   items only (a user known by k items), for recflm and every baseline that answers from a history; where the
@@ -121,7 +122,7 @@ def build_rows(data_dir: str, templates_dir: str, cfg: EvalConfig, log=print,
     seqs = data.sequences_pandas(columns=["user", "index", "n_train", "items", "ratings"])
     off = SPLIT_CODE[cfg.split] - 1
     seqs = seqs[seqs["index"].map(len) > seqs["n_train"] + off].reset_index(drop=True)
-    seqs = seqs[seqs["n_train"] + off >= 1]
+    seqs = seqs[(seqs["n_train"] + off >= 1) & (seqs["n_train"] >= 1)]  # n_train 0: held out whole (text only)
     if cfg.max_users:
         seqs = seqs.head(cfg.max_users)
     dense = inference.get("sequential") == "dense"
@@ -493,7 +494,12 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
         return float(s[rec["candidates"][0]])
 
     out = {}
+    # a data set of text tasks only (the review family): the ranking baselines that answer nothing are not trained
+    ranked = any(family_of(t) in ("sequential", "direct", "direct-yesno") for t in rows["task"].unique())
+    rated = bool((rows["task"] == "rating").any())
     for name, cls in BASELINES.items():
+        if not ranked and not (rated and hasattr(cls, "predict_rating")):
+            continue
         t0 = time.perf_counter()
         model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed, **fit_args.get(name, {}))
         by_history = getattr(model, "by_history", True)
@@ -546,7 +552,24 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
                 f"{res['best_val_ndcg10']:.4f})" if "best_val_ndcg10" in res else "")
         log(f"evaluate: baseline {name} trained and scored in {res['train_seconds']} s{stop}")
         out[name] = res
+    out.update(_review_baseline_results(data, rows, info, cfg, log))
     return out
+
+
+def _review_baseline_results(data, rows: pd.DataFrame, info: dict, cfg: EvalConfig, log=print) -> dict:
+    """The review family's baselines (``review_baselines``: lead, nearest, means, bow-ridge), fit on the training
+    interactions and scored on the seen ``review`` / ``review-rating`` rows, each answered from the row's
+    review text (its interaction of the evaluation split)."""
+    from .review_baselines import RATING_TASK, SUMMARY_TASK, score_review_baselines
+
+    part = rows[rows["task"].isin([SUMMARY_TASK, RATING_TASK])]
+    if part.empty:
+        return {}
+    inter = data.interactions_pandas(columns=["user", "item", "rating", "text", "summary", "split"])
+    train = inter[inter["split"] == "train"]
+    review = inter[inter["split"] == cfg.split].drop_duplicates(["user", "item"]).set_index(["user", "item"])["text"]
+    part = part.assign(text=review.reindex(pd.MultiIndex.from_frame(part[["user", "item"]])).to_numpy())
+    return score_review_baselines(train, part, info["scale"], log)
 
 
 SCORE_BATCH = 1024  # users scored at a time by a baseline (a (batch, n_items) array)
@@ -712,7 +735,8 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--bundle", help="the model bundle (config key: bundle)")
     p.add_argument("--data", help="prepared dataset directory (default: the one the bundle was trained on)")
     p.add_argument("--split", choices=["valid", "test"], help="evaluation split (default test)")
-    p.add_argument("--baselines", action="store_true", help="also train and score popularity, two-tower and SASRec")
+    p.add_argument("--baselines", action="store_true", help="also train and score popularity, two-tower and SASRec "
+                   "(and, for the review family, lead, nearest, means and bow-ridge)")
     p.add_argument("--replicas", type=int, help="model replicas in the Ray Data actor pool")
     p.add_argument("--max-users", type=int, help="evaluate the first N users only (0: all)")
 

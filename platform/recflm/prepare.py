@@ -52,6 +52,8 @@ def plan(cfg: PrepareConfig) -> list[SourcePlan]:
     if not 0.0 <= cfg.holdout_users < 1.0:
         raise PrepareError(f"holdout_users is the share of users held out of training, in [0, 1): got "
                            f"{cfg.holdout_users}")
+    if not 0 <= cfg.holdout_short_users < 1:
+        raise PrepareError(f"holdout_short_users must be in [0, 1), got {cfg.holdout_short_users}")
     if not cfg.rating_min < cfg.rating_max:
         raise PrepareError("rating_min must be below rating_max")
     out = Path(cfg.out)
@@ -275,7 +277,8 @@ def run(cfg: PrepareConfig, log=print) -> dict:
                 break
             removed = np.sort(np.concatenate([removed, weak]))
     log(f"prepare: k-core (k={k}) converged after {passes} pass(es), {len(removed)} items removed by degree")
-    final = deduped.map_batches(finalize_block, fn_kwargs={"removed": removed, "k": k},
+    final = deduped.map_batches(finalize_block, fn_kwargs={"removed": removed, "k": k,
+                                                           "holdout": cfg.holdout_short_users, "seed": cfg.seed},
                                 batch_format="pyarrow", batch_size=None)
     if cfg.holdout_users > 0:
         final = final.map_batches(holdout_block, fn_kwargs={"seed": cfg.seed, "share": cfg.holdout_users},
@@ -323,12 +326,15 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     log("prepare: outputs written")
     acct = final.map_batches(account_block, batch_format="pyarrow", batch_size=None).to_pandas()
     acct["file"] = [files[i] for i in acct["file_id"]]
-    stats = _stats(acct, seqs, catalog, plans, k, passes, time.perf_counter() - t0)
+    splits = final.map_batches(split_counts_block, batch_format="pyarrow", batch_size=None).to_pandas()
+    stats = _stats(acct, seqs, catalog, plans, k, passes, time.perf_counter() - t0,
+                   splits.groupby("split")["n"].sum().to_dict())
     (out / STATS).write_text(json.dumps(stats, indent=2))
     manifest = {
         "kind": "recflm-dataset", "format_version": 1, "recflm_version": __version__,
         "created_unix": int(time.time()), "sources": fingerprint(plans), "config": to_dict(cfg),
         "indexing": cfg.indexing, "families": stats["families"], "holdout_users": stats["holdout_users"],
+        "held_out_users": stats["held_out_users"],
         "primary_source": plans[0].name, "review_sources": [p.name for p in plans if p.review_text],
         "versions": _versions(), "layout": [INTERACTIONS, REJECTS, SEQUENCES, USERS, ITEMS, STATS],
     }
@@ -336,7 +342,15 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     return stats
 
 
-def _stats(acct: pd.DataFrame, seqs, catalog: pd.DataFrame, plans, k: int, passes: int, seconds: float) -> dict:
+def split_counts_block(t: pa.Table) -> pa.Table:
+    """Per block: kept interactions per split."""
+    kept = _kept(t)
+    return pa.table({"split": kept["split"]}).group_by("split").aggregate([([], "count_all")]) \
+        .rename_columns(["split", "n"])
+
+
+def _stats(acct: pd.DataFrame, seqs, catalog: pd.DataFrame, plans, k: int, passes: int, seconds: float,
+           splits: dict | None = None) -> dict:
     total = int(acct["n"].sum())
     kept = int(acct.loc[acct["outcome"] == "kept", "n"].sum())
     rej = acct[acct["outcome"] != "kept"].groupby("outcome")["n"].sum()
@@ -367,9 +381,13 @@ def _stats(acct: pd.DataFrame, seqs, catalog: pd.DataFrame, plans, k: int, passe
         "density": n_inter / max(1, len(lens) * len(catalog)),
         "seq_len_mean": float(lens["n"].mean()) if len(lens) else 0.0,
         "seq_len_median": float(lens["n"].median()) if len(lens) else 0.0,
-        "split_rows": {"train": int(lens["t"][~held].sum()), "valid": int(((lens["n"] - lens["t"]) >= 1).sum()),
-                       "test": int(((lens["n"] - lens["t"]) >= 2).sum()), "history": int(lens["t"][held].sum())},
+        # rows per split: counted from the interactions' split column where given, else from the sequences
+        "split_rows": ({s: int(splits.get(s, 0)) for s in ("train", "valid", "test", "history")} if splits is not None
+                       else {"train": int(lens["t"][~held].sum()), "valid": int(((lens["n"] - lens["t"]) >= 1).sum()),
+                             "test": int(((lens["n"] - lens["t"]) >= 2).sum()), "history": int(lens["t"][held].sum())}),
         "holdout_users": int(held.sum()),
+        # users held out whole into valid / test (holdout_short_users): no training interaction
+        "held_out_users": int(((lens["t"] == 0) & (lens["n"] > 0) & ~held).sum()),
         "k_core": k, "k_core_passes": passes, "families": families,
         "seconds": round(seconds, 2),
     }
@@ -396,6 +414,7 @@ def format_stats(stats: dict) -> str:
              ("train / valid / test rows", "{train} / {valid} / {test}".format(**stats["split_rows"])),
              ("held-out users (history rows)",
               f"{stats.get('holdout_users', 0)} ({stats['split_rows'].get('history', 0)})"),
+             ("short users held out whole (valid / test)", stats.get("held_out_users", 0)),
              ("k-core (k, passes)", f"{stats['k_core']}, {stats['k_core_passes']}"),
              ("task families", ", ".join(stats["families"])), ("seconds", stats["seconds"])]
     w = max(len(r[0]) for r in rows)

@@ -47,8 +47,8 @@ from .clean import RowCleaner, account_block, dedup_block, finalize_block, kcore
 from .config import PrepareConfig, SourceConfig, from_dict, parse_sources, to_dict
 from .dataset import INTERACTIONS, ITEMS, MANIFEST, REJECTS, SEQUENCES, STATS, USERS, DatasetError, PreparedData
 from .indexing import assign_ids
-from .prepare import (PrepareError, _num_partitions, _stats, fingerprint, interactions_view, item_stats_block,
-                      rejects_view, sequences_block, source_names, users_block)
+from .prepare import (PrepareError, _num_partitions, _stats, fingerprint, holdout_block, interactions_view,
+                      item_stats_block, rejects_view, sequences_block, source_names, users_block)
 from .readers import DEFAULT_SCALES, SourcePlan, bundled_source, plan_source, read_item_meta, read_source
 
 DATASET_FILE = "(dataset)"  # the "file" of rows that were in the dataset before the update
@@ -284,8 +284,14 @@ def _build(out: Path, tmp: Path, data: PreparedData, cfg: PrepareConfig, plans: 
             if len(weak) == 0:
                 break
             removed = np.sort(np.concatenate([removed, weak]))
-    final = deduped.map_batches(finalize_block, fn_kwargs={"removed": removed, "k": k},
-                                batch_format="pyarrow", batch_size=None).materialize()
+    # the dataset's own split settings: short users held out whole, and new-user holdout, as its prepare did
+    final = deduped.map_batches(finalize_block, fn_kwargs={"removed": removed, "k": k,
+                                                           "holdout": cfg.holdout_short_users, "seed": cfg.seed},
+                                batch_format="pyarrow", batch_size=None)
+    if cfg.holdout_users > 0:
+        final = final.map_batches(holdout_block, fn_kwargs={"seed": cfg.seed, "share": cfg.holdout_users},
+                                  batch_format="pyarrow", batch_size=None)
+    final = final.materialize()
     log(f"update: union de-duplicated, k-core (k={k}) after {passes} pass(es), split again")
 
     per_block = final.map_batches(item_stats_block, batch_format="pyarrow", fn_kwargs={"seed": cfg.seed},

@@ -37,6 +37,7 @@ Endpoints (``/docs`` shows the OpenAPI schema, the contract)::
     POST /v1/recommend  {"user": "ml:1"} or {"history": ["ml:1", ...]}, "k": 10, "exclude_seen": true
     POST /v1/rating     {"user": "ml:1", "item": "ml:318"}
     POST /v1/explain    {"user": "ml:1", "item": "ml:318"}
+    POST /v1/review     {"text": "...", "task": "summary" | "rating", "user"?, "item"?}  (review-family bundles)
     GET  /v1/items/{item}   the catalog entry of an item
     GET  /v1/model          the bundle manifest and the serving settings
     GET  /v1/health         no token needed (probes)
@@ -85,6 +86,7 @@ class ServeConfig:
     max_history: int = 200  # items a request's history may hold (the prompt uses the last ones)
     max_id_chars: int = 200  # longest user / item id accepted
     max_body_bytes: int = 65536
+    max_review_chars: int = 5000  # longest review text POST /v1/review accepts (the prompt uses its first part)
     explain_tokens: int = 32
     explain_beams: int = 4
     # "fused": one deployment is both the FastAPI ingress and the model (each replica answers HTTP itself: no hop
@@ -121,6 +123,9 @@ class ServeConfig:
     auth_token_file: str = ""
 
 
+REVIEW_BODY_SLACK = 1024  # bytes of a POST /v1/review body beside its text (the other fields, JSON, escapes)
+
+
 def check_config(cfg: ServeConfig) -> None:
     if not cfg.bundle:
         raise ConfigError("bundle: no bundle given")
@@ -141,9 +146,14 @@ def check_config(cfg: ServeConfig) -> None:
     for key in ("num_cpus", "api_cpus"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive")
-    for key in ("max_history", "max_body_bytes", "max_id_chars", "threads", "api_replicas", "max_batch_size"):
+    for key in ("max_history", "max_review_chars", "max_body_bytes", "max_id_chars", "threads", "api_replicas",
+                "max_batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    if cfg.max_review_chars + REVIEW_BODY_SLACK > cfg.max_body_bytes:  # the schema would promise what 413 refuses
+        raise ConfigError(f"max_review_chars={cfg.max_review_chars} does not fit in max_body_bytes="
+                          f"{cfg.max_body_bytes}: a review that long needs max_body_bytes >= "
+                          f"{cfg.max_review_chars + REVIEW_BODY_SLACK} (or lower max_review_chars)")
 
 
 def load_serve_config(path: str | None, overrides: list[str] | None = None) -> ServeConfig:

@@ -7,7 +7,7 @@ inside the replica (``__serve_build_asgi_app__``), so that the limits in its Ope
 config, in four parts:
 
 - ``request_models``: the request schemas, with the limits validation enforces (id lengths, history
-  length, k's range, "user or history");
+  length, k's range, "user or history", review text length);
 - ``add_error_handlers``: every error is JSON, ``ErrorBody`` (``error`` reason, ``field``, ``message``),
   with the reason in an ``x-recflm-error`` header; 405 carries ``Allow``, 503 ``Retry-After``;
 - ``add_guard``: the middleware that checks the bearer token, the body's type and size, turns an
@@ -150,8 +150,8 @@ def error_schema():
 
 
 def request_models(cfg: "ServeConfig"):
-    """(RecommendRequest, PairRequest): the request schemas with the config's limits."""
-    from typing import Annotated, Optional
+    """(RecommendRequest, PairRequest, ReviewRequest): the request schemas with the config's limits."""
+    from typing import Annotated, Literal, Optional
 
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -182,7 +182,22 @@ def request_models(cfg: "ServeConfig"):
         user: Id = Field(description="a user id (one never seen in training works too)", examples=["ml:1"])
         item: Id = Field(description="an item id of the catalog", examples=["ml:318"])
 
-    return RecommendRequest, PairRequest
+    class ReviewRequest(Strict):
+        model_config = ConfigDict(json_schema_extra={
+            "description": "A review's text, and optionally who wrote it about what: the model answers the "
+                           "review family's task, the review's summary (headline) or its star rating. A bundle "
+                           "not trained on the review family answers 409; an unknown item 404." + body_note})
+        text: str = Field(min_length=1, max_length=cfg.max_review_chars, description="the review text (HTML is "
+                          "removed and it is cut to the bundle's prompt length, as in training)",
+                          examples=["I have bought several of these and found them all to be of good quality."])
+        task: Literal["summary", "rating"] = Field("summary", description="summary: a short headline for the "
+                                                   "review; rating: the star rating the review carries")
+        user: Optional[Id] = Field(None, description="who wrote the review (any id; one of the training data "
+                                   "is known to the model)", examples=["ff:A3SGXH7AUHU8GW"])
+        item: Optional[Id] = Field(None, description="an item id of the catalog the review is about",
+                                   examples=["ff:B001E4KFG0"])
+
+    return RecommendRequest, PairRequest, ReviewRequest
 
 
 def add_error_handlers(app) -> None:
@@ -284,6 +299,7 @@ def declared_errors(body, *statuses: int) -> dict:
     """FastAPI ``responses`` for the error statuses a route answers with, each with ``body``, the error schema."""
     why = {400: "the body is not JSON, or a header is malformed", 401: "a bearer token is required (when auth is on)",
            404: "an id that is not in the catalog or the training data, or no such path",
+           409: "the served bundle was not trained on the task's family (no_review_family)",
            413: "the body is larger than max_body_bytes", 415: "the body is not application/json",
            422: "a field is missing, unknown, of the wrong type or out of its range",
            500: "a bug in the service (its log says more)",
@@ -302,7 +318,7 @@ def add_routes(app, api: "Api") -> None:
     from fastapi import Path as PathParam
 
     cfg = api.cfg
-    RecommendRequest, PairRequest = request_models(cfg)
+    RecommendRequest, PairRequest, ReviewRequest = request_models(cfg)
     body = error_schema()
     post = declared_errors(body, 400, 401, 404, 413, 415, 422, 500, 503)
     get = declared_errors(body, 401, 500, 503)
@@ -326,6 +342,11 @@ def add_routes(app, api: "Api") -> None:
     async def explain(body: PairRequest):
         return answer(await api.call("explain", body.model_dump()))
 
+    @app.post("/v1/review", summary="Summarize a review, or predict the star rating it carries",
+              responses=declared_errors(body, 400, 401, 404, 409, 413, 415, 422, 500, 503))
+    async def review(body: ReviewRequest):
+        return answer(await api.call("review", body.model_dump()))
+
     @app.get("/v1/items/{item:path}", summary="Look up an item of the catalog",
              responses=declared_errors(body, 401, 404, 422, 500, 503))
     async def item(item: Annotated[str, PathParam(min_length=1, max_length=cfg.max_id_chars)]):
@@ -336,7 +357,7 @@ def add_routes(app, api: "Api") -> None:
         out = await api.call("info")
         if "error" in out:
             return answer(out)
-        keys = ("beams", "default_k", "max_history", "max_body_bytes", "max_batch_size", "min_replicas", "max_replicas",
+        keys = ("beams", "default_k", "max_history", "max_review_chars", "max_body_bytes", "max_batch_size", "min_replicas", "max_replicas",
                 "dtype", "layout")
         return {**out, "api_version": API_VERSION, "auth": bool(api.token),
                 "limits": {k: getattr(cfg, k) for k in keys}}
@@ -354,7 +375,8 @@ def build_fastapi(api: "Api"):
     from . import __version__
 
     app = FastAPI(title="recflm", version=__version__,
-                  description="Recommendations, rating predictions and explanations from one text-to-text model.")
+                  description="Recommendations, rating predictions, explanations and review summaries from one "
+                              "text-to-text model.")
     add_error_handlers(app)
     add_guard(app, api)
     add_routes(app, api)

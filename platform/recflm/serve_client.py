@@ -1,6 +1,6 @@
 """The demo client of ``recflm serve --demo``: a few real requests against a running service, printed with
-their answers (a known user's recommendations, a raw history's, a rating, an explanation, an item, and
-one bad request with its error). Standard library only, as a user's own client might be."""
+their answers (a known user's recommendations, a raw history's, a rating, an explanation, an item, a
+review's summary and rating for a review-family bundle, and one bad request with its error). Standard library only, as a user's own client might be."""
 from __future__ import annotations
 
 import json
@@ -40,6 +40,12 @@ def demo(url: str, token: str | None = None, log=print) -> int:
         log(f"  explanation: {e.get('explanation')!r}")
         _, it = call("GET", f"/v1/items/{items[0]}")
         log(f"  {it}")
+    if info.get("review_family"):
+        text = "I have bought several of these and they were all of good quality. My dog loves them."
+        _, rv = call("POST", "/v1/review", {"text": text, "task": "summary"})
+        log(f"  summary: {rv.get('summary')!r}")
+        _, rv = call("POST", "/v1/review", {"text": text, "task": "rating"})
+        log(f"  rating: {rv.get('rating')}")
     _, bad = call("POST", "/v1/recommend", {"history": ["no-such-item"], "k": 500})
     log(f"  {bad.get('message')}")
     return 0

@@ -9,8 +9,9 @@ beside the old and swaps it in whole.
 ``Recommender`` (wrapped by ``serve.deployment`` in ``serve.build_app``) gets its bundle through
 ``user_config`` (``reconfigure``), checks item and user ids against its own catalog and answers with batched
 model calls (``serve.batch``): constrained beam search over the catalog for recommendations (catalog items
-only, the history excluded), expected-rating decoding (the mean over the scale's rating texts) for ratings,
-beam decoding for explanations. Its methods take requests the ingress (``serve_api``) already validated,
+only, the history excluded), expected-rating decoding (the mean over the scale's rating texts) for ratings
+and review ratings, beam decoding for explanations and review summaries (``review``: only for a bundle
+trained on the review family, else a 409 ``no_review_family``). Its methods take requests the ingress (``serve_api``) already validated,
 and answer a dict, or ``{"error": {...}}`` (``model_error``) that the ingress turns into a 4xx.
 """
 from __future__ import annotations
@@ -62,9 +63,42 @@ def cast_model(model, dtype: str):
     return model
 
 
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float as None: a manifest's metrics may hold NaN (a bundle trained
+    without a next-item family has no val_ndcg10), and JSON has no NaN."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _listing(values: list, limit: int = 10) -> str:
     shown = ", ".join(repr(v) for v in values[:limit])
     return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+REVIEW_TASKS = {"summary": "{summary}", "rating": "{rating}"}  # POST /v1/review's task -> the template target
+
+
+def review_templates(temps: list) -> dict:
+    """task -> [(seen review template with that target, the fields its source needs)], most fields first: a
+    request is rendered with the first whose fields it has (``user``, ``item``, ``text``)."""
+    from string import Formatter
+
+    def needs(t) -> frozenset:
+        return frozenset(f for _, f, _, _ in Formatter().parse(t.source) if f)
+
+    out = {}
+    for task, target in REVIEW_TASKS.items():
+        seen = [(t, needs(t)) for t in temps if not t.held_out and t.target == target
+                and needs(t) <= {"user", "item", "text"}]
+        out[task] = sorted(seen, key=lambda tn: -len(tn[1]))
+    return out
 
 
 class ModelState:
@@ -79,7 +113,7 @@ class ModelState:
         self.bundle = load_bundle(bundle)
         b = self.bundle
         self.path = str(Path(bundle).resolve())
-        self.manifest = b.manifest
+        self.manifest = json_safe(b.manifest)  # what GET /v1/model answers (JSON)
         self.version = hashlib.sha256((b.path / "manifest.json").read_bytes()).hexdigest()[:12]
         cat = b.catalog.sort_values("index").reset_index(drop=True)
         self.catalog = cat
@@ -115,6 +149,9 @@ class ModelState:
             "rating", {"user", "item", "item_desc"})
         self.rating_history = int(self.inference.get("rating_history", 0))
         self.t_explain = first_seen("explanation", {"user", "item", "item_desc"})
+        # the review family (POST /v1/review): its first seen templates per answer, when the bundle learnt it
+        self.review_family = "review" in (b.manifest.get("families") or []) and "review" in temps
+        self.t_review = review_templates(temps.get("review", [])) if self.review_family else {}
         self.data_dir = data or b.manifest.get("data", {}).get("path") or ""
         self._read_dataset()
         if "history" in self.inference:  # the bundle says how many history items its input holds
@@ -132,6 +169,7 @@ class ModelState:
         self.histories: dict[str, list[int]] = {}
         self.ratings: dict[str, list[float]] = {}
         self.max_prompt_history = PromptConfig().max_history
+        self.max_text_chars = PromptConfig().max_text_chars  # review text in prompts is cut to this, as in training
         self.scale = (PrepareConfig().rating_min, PrepareConfig().rating_max)
         if not (self.data_dir and (Path(self.data_dir) / SEQUENCES).exists()):
             self.histories_from = None
@@ -150,6 +188,7 @@ class ModelState:
             self.ratings = {str(u): [float(r) for r in rs[:int(n)]] for u, rs, n in
                             zip(s["user"], s["ratings"], s["n_train"])}
         self.histories_from = str(data.path / SEQUENCES)
+        self.max_text_chars = int(pc.get("prompts", {}).get("max_text_chars", self.max_text_chars))
 
     def rating_prompt(self, user: str, item: int) -> tuple[str, list | None]:
         """A dense rating bundle's input for (user, catalog index): the source and the decoder prefix of the
@@ -195,6 +234,8 @@ class Recommender:
         self._recommend = serve.batch(**batch)(self._recommend_batch)
         self._rate = serve.batch(**batch)(self._rate_batch)
         self._explain = serve.batch(**batch)(self._explain_batch)
+        self._summarize = serve.batch(**batch)(self._summarize_batch)
+        self._review_rate = serve.batch(**batch)(self._review_rate_batch)
         # Ray drops a gauge series that is not re-reported within two metric report intervals,
         # so the model-info gauge is refreshed from a small thread while the replica lives
         threading.Thread(target=self._report_model_info, daemon=True).start()
@@ -291,6 +332,46 @@ class Recommender:
         return {"user": req["user"], "item": req["item"], "known_user": req["user"] in st.histories,
                 "explanation": text, "model_version": st.version}
 
+    async def review(self, req: dict) -> dict:
+        """A review's summary or star rating, from its text (and who wrote it about what, when given)."""
+        from .clean import normalise_text
+        from .generate import parse_rating
+        from .prompts import format_rating
+
+        import pandas as pd
+
+        st, task = self.state, req.get("task") or "summary"
+        if not st.review_family:
+            return model_error(409, "no_review_family", "task", f"the served bundle was not trained on the review "
+                               f"family (its families: {', '.join(st.manifest.get('families') or []) or 'none'})")
+        item, user = req.get("item"), req.get("user")
+        if item is not None:
+            bad = self._unknown_items(st, [item], "item")
+            if bad:
+                return bad
+        have = {"text"} | ({"user"} if user is not None else set()) | ({"item"} if item is not None else set())
+        # the template that uses the most of what the request gives; an anonymous writer is "new", as in recommend
+        temp = next((t for t, need in st.t_review.get(task, []) if need <= have), None) or \
+            next((t for t, need in st.t_review.get(task, []) if need <= have | {"user"}), None)
+        if temp is None:
+            return model_error(409, "no_review_family", "task", f"the bundle's review templates have no seen "
+                               f"template for task {task!r}")
+        text = normalise_text(pd.Series([req["text"]], dtype="object")).iloc[0] or ""
+        fields = {"text": text[:st.max_text_chars], "user": user or "new",
+                  "item": st.ids[st.index[item]] if item is not None else "", "summary": "",
+                  "rating": format_rating(st.scale[0])}
+        prompt = temp.render(fields)[0]
+        out = {"task": task, "user": user, "item": item, "known_user": user in st.histories if user else False,
+               "template": temp.id, "model_version": st.version}
+        if task == "summary":
+            return {**out, "summary": await self._summarize((st, prompt))}
+        answer = await self._review_rate((st, prompt))
+        value = parse_rating(answer, *st.scale)
+        out.update(rating=value, text=answer, scale=list(st.scale))
+        if value is None:
+            out["parse_error"] = f"the model's output {answer!r} is not a number in [{st.scale[0]}, {st.scale[1]}]"
+        return out
+
     def item(self, key: str) -> dict:
         st = self.state
         if key not in st.index:
@@ -304,7 +385,9 @@ class Recommender:
                 "known_users": len(st.histories), "histories": st.histories_from,
                 "example_users": list(st.histories)[:3], "prompt_history": st.max_prompt_history,
                 "rating_scale": list(st.scale),
-                "templates": {"sequential": st.t_seq.id, "rating": st.t_rating.id, "explanation": st.t_explain.id}}
+                "templates": {"sequential": st.t_seq.id, "rating": st.t_rating.id, "explanation": st.t_explain.id,
+                              **({f"review-{k}": [t.id for t, _ in v] for k, v in st.t_review.items()})},
+                "review_family": st.review_family}
 
     def health(self) -> dict:
         return {"status": "ok", "bundle": self.state.path, "model_version": self.state.version}
@@ -377,3 +460,19 @@ class Recommender:
         self.metrics.batch.observe(len(jobs), tags={"task": "explain"})
         return await asyncio.to_thread(self._generate, jobs, self.cfg.explain_tokens, self.cfg.explain_beams)
 
+    async def _summarize_batch(self, jobs: list[tuple]) -> list[str]:
+        import asyncio
+
+        self.metrics.batch.observe(len(jobs), tags={"task": "review"})
+        return await asyncio.to_thread(self._generate, jobs, self.cfg.explain_tokens, self.cfg.explain_beams)
+
+    async def _review_rate_batch(self, jobs: list[tuple]) -> list[str]:
+        """Review ratings: the expected rating over the scale's rating texts, whatever the bundle's rating style
+        (the review family is always prompt style), as ``recflm evaluate`` scores ``review-rating``."""
+        import asyncio
+
+        from .generate import predict_ratings
+
+        self.metrics.batch.observe(len(jobs), tags={"task": "review-rating"})
+        return await asyncio.to_thread(self._texts, jobs, lambda st, js: predict_ratings(
+            st.bundle.model, st.bundle.tokenizer, [j[1] for j in js], *st.scale, st.max_source_len))

@@ -536,7 +536,7 @@ def _val_ranking(data, cfg: PrepareConfig, n_users: int, seed: int, users_share:
 
     inf = inference_settings(cfg)
     seqs = data.sequences_pandas(columns=["user", "ids", "index", "n_train"])
-    seqs = seqs[seqs["ids"].map(len) > seqs["n_train"]]
+    seqs = seqs[(seqs["ids"].map(len) > seqs["n_train"]) & (seqs["n_train"] >= 1)]  # 0: held out whole
     seqs = seqs[~seqs["user"].isin(data.holdout_users)]  # held-out users stay out of selection too
     seqs = seqs[labelled_users(seqs["user"], cfg.seed, users_share)]  # a fine-tune on a share: its users only
     if len(seqs) > n_users:

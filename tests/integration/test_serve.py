@@ -21,7 +21,7 @@ APP = "recflm-test"
 
 def _config(bundle, **kw) -> ServeConfig:
     base = dict(bundle=str(bundle), name=APP, host="127.0.0.1", port=free_port(), num_cpus=0.25, api_cpus=0.1,
-                threads=1, beams=10, default_k=5, max_history=30, max_body_bytes=4096, max_batch_size=8,
+                threads=1, beams=10, default_k=5, max_history=30, max_body_bytes=4096, max_review_chars=1000, max_batch_size=8,
                 max_ongoing_requests=16, target_ongoing_requests=4, min_replicas=2, max_replicas=2,
                 upscale_delay_s=30, explain_tokens=8, explain_beams=2, auth_token_env="")
     return ServeConfig(**{**base, **kw})

@@ -65,6 +65,8 @@ def test_the_config_is_typed_and_never_changed_in_place(tmp_path):
         check_config(dataclasses.replace(cfg, min_replicas=5))
     with pytest.raises(ConfigError, match="threads must be at least 1"):
         check_config(dataclasses.replace(cfg, threads=0))
+    with pytest.raises(ConfigError, match="max_review_chars=9000 does not fit in max_body_bytes=8192"):
+        check_config(dataclasses.replace(cfg, max_review_chars=9000, max_body_bytes=8192))
 
 
 def test_the_openapi_schema_says_what_validation_enforces():
@@ -88,4 +90,9 @@ def test_the_openapi_schema_says_what_validation_enforces():
             ref = responses[s]["content"]["application/json"]["schema"]["$ref"]
             assert ref.endswith("/ErrorBody")
     assert "Retry-After" in spec["paths"]["/v1/rating"]["post"]["responses"]["503"]["headers"]
+    review = spec["components"]["schemas"]["ReviewRequest"]
+    assert review["properties"]["text"]["maxLength"] == cfg.max_review_chars and review["required"] == ["text"]
+    assert review["properties"]["task"]["enum"] == ["summary", "rating"] and review["additionalProperties"] is False
+    assert set(spec["paths"]["/v1/review"]["post"]["responses"]) == \
+        {"200", "400", "401", "404", "409", "413", "415", "422", "500", "503"}
     assert set(spec["components"]["schemas"]["ErrorBody"]["required"]) == {"error", "field", "message"}
