@@ -7,7 +7,8 @@ Layout (all Parquet is readable by pyarrow, pandas and Ray Data)::
     sequences.parquet/      one row per user: user, source, items, ids, ratings, ts, texts?, n_train
                             (items[:n_train] train, then at most one validation and one test item)
     users.parquet/          user, source, n_total, n_train
-    items.parquet           the catalog: item, index, id_text, source, title, genres, n_train
+    items.parquet           the catalog: item, index, id_text, source, title, genres, attributes (a list of
+                            attribute values: MovieLens genres, an item table's attrs), n_train
     stats.json              counts: input rows per file, kept, rejected by reason, users, items, ...
     manifest.json           source fingerprints, the config, versions, the ID scheme
 
