@@ -85,6 +85,7 @@ class ServeConfig:
     max_history: int = 200  # items a request's history may hold (the prompt uses the last ones)
     max_id_chars: int = 200  # longest user / item id accepted
     max_body_bytes: int = 65536
+    max_candidates: int = 200  # the most items POST /v1/candidates returns (its default k)
     explain_tokens: int = 32
     explain_beams: int = 4
     # "fused": one deployment is both the FastAPI ingress and the model (each replica answers HTTP itself: no hop
@@ -141,7 +142,8 @@ def check_config(cfg: ServeConfig) -> None:
     for key in ("num_cpus", "api_cpus"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive")
-    for key in ("max_history", "max_body_bytes", "max_id_chars", "threads", "api_replicas", "max_batch_size"):
+    for key in ("max_history", "max_body_bytes", "max_id_chars", "threads", "api_replicas", "max_batch_size",
+                "max_candidates"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
 
