@@ -153,9 +153,12 @@ def request_models(cfg: "ServeConfig"):
     """(RecommendRequest, PairRequest, CandidatesRequest): the request schemas with the config's limits."""
     from typing import Annotated, Optional
 
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
     Id = Annotated[str, Field(min_length=1, max_length=cfg.max_id_chars)]
+    # JSON Schema's integer includes 87.0: a whole-number float is taken as the integer it is, anything else
+    # (2.5, "10", true) stays a wrong type under strict validation
+    Count = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
     body_note = f" The JSON body may hold at most {cfg.max_body_bytes} bytes."
 
     class Strict(BaseModel):
@@ -173,7 +176,7 @@ def request_models(cfg: "ServeConfig"):
         history: Optional[list[Id]] = Field(None, min_length=1, max_length=cfg.max_history,
                                             description="item ids of the catalog the user interacted with, "
                                             "oldest first", examples=[["ml:1", "ml:50"]])
-        k: int = Field(cfg.default_k, ge=1, le=cfg.beams, description="how many items to return")
+        k: Count = Field(cfg.default_k, ge=1, le=cfg.beams, description="how many items to return")
         exclude_seen: bool = Field(True, description="never recommend an item of the history")
 
     class PairRequest(Strict):
@@ -195,7 +198,7 @@ def request_models(cfg: "ServeConfig"):
         history: Optional[list[Id]] = Field(None, min_length=1, max_length=cfg.max_history,
                                             description="item ids of the catalog the user interacted with, "
                                             "oldest first", examples=[["ml:1", "ml:50"]])
-        k: int = Field(cfg.max_candidates, ge=1, le=cfg.max_candidates, description="how many candidates to return")
+        k: Count = Field(cfg.max_candidates, ge=1, le=cfg.max_candidates, description="how many candidates to return")
         exclude_history: bool = Field(True, description="never return an item of the history")
 
     return RecommendRequest, PairRequest, CandidatesRequest

@@ -479,6 +479,8 @@ def test_candidates_endpoint(served, tmp_path):
         assert not {it["item"] for it in r.json()["items"]} & set(history)
         r = c.post("/v1/candidates", json={"history": history, "k": 50, "exclude_history": False})
         assert r.status_code == 200 and len(r.json()["items"]) == 50
+        r = c.post("/v1/candidates", json={"history": history, "k": 3.0})  # JSON Schema's integer includes 3.0
+        assert r.status_code == 200 and len(r.json()["items"]) == 3, r.text
 
         big = json.dumps({"user": user, "pad": "x" * 5000}).encode()
         for body, status, reason, words in [
