@@ -10,7 +10,7 @@ NDCG@10 of the direct 1-of-100 protocol and the rating RMSE where the data has t
 
     python -m jobs.bench_quality --bundled                                 # the bundled MovieLens data
     python -m jobs.bench_quality --table Toys_and_Games_interactions.csv.gz --columns user=user,item=item,ts=ts \\
-        --out runs/toys --budget-minutes 90 lr=0.001
+        --items Toys_and_Games_items.csv.gz --item-columns item=item,attrs=attributes --out runs/toys --budget-minutes 90 lr=0.001
     make bench-quality
 
 Time budget (``--budget-minutes N``, default 60; 0 = no limits): recflm training gets ``max_minutes`` =
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--bundled", action="store_true", help="the bundled MovieLens data")
     ap.add_argument("--columns", metavar="MAP", help="column map of --table, e.g. user=user,item=item,ts=ts "
                     "(user, item, ts required; rating, text, summary optional)")
+    ap.add_argument("--items", metavar="FILE", help="an item table of the source (CSV, TSV or Parquet), e.g. "
+                    "Toys_and_Games_items.csv.gz: attributes for the two-tower baseline (needs --item-columns)")
+    ap.add_argument("--item-columns", metavar="MAP", help="column map of --items, e.g. item=item,attrs=attributes "
+                    "(item required; attrs: |-separated values; title optional)")
     ap.add_argument("--out", default="runs/quality", metavar="DIR", help="output directory (default runs/quality)")
     ap.add_argument("--budget-minutes", type=float, default=60.0, metavar="N",
                     help="time budget of the whole run: 50%% to recflm training, 20%% to SASRec (0: no limits)")
@@ -116,6 +120,8 @@ def check_args(ap: argparse.ArgumentParser, args):
         ap.error("--table needs --columns (e.g. --columns user=user,item=item,ts=ts)")
     if args.bundled and args.columns:
         ap.error("--columns goes with --table, not --bundled")
+    if bool(args.items) != bool(args.item_columns):
+        ap.error("--items and --item-columns go together (e.g. --item-columns item=item,attrs=attributes)")
     if args.budget_minutes < 0:
         ap.error("--budget-minutes must be >= 0")
     bad = [o for o in args.overrides if "=" not in o]
@@ -137,6 +143,12 @@ def configs(args, stamp: int | None = None):
         pcfg.k_core = args.k_core
     if args.table:
         pcfg.sources = [to_dict(SourceConfig(type="table", path=args.table, columns=column_map(args.columns)))]
+    if args.items:  # the item table of the one source (the bundled MovieLens data has its genres already)
+        from recflm.readers import bundled_source
+
+        src = pcfg.sources[0] if pcfg.sources else to_dict(bundled_source())
+        src.update(items=args.items, item_columns=column_map(args.item_columns, "--item-columns"))
+        pcfg.sources = [src]
     given = {o.split("=", 1)[0].strip() for o in args.overrides}
     tcfg = load_config(TrainConfig, args.recipe, args.overrides)
     train_minutes, sasrec_minutes = budget_split(args.budget_minutes)

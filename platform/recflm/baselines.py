@@ -2,9 +2,13 @@
 
 - ``Popularity``: items ranked by their number of training interactions; ratings = the item's mean
   training rating (the global mean for items without one), where the data has ratings.
-- ``TwoTower``: user and item embeddings scored by cosine similarity (temperature 0.1), trained
-  with a sampled softmax (in-batch plus uniformly sampled negatives) on training interactions: the
-  embedding model of the Pretraining-FLM recipe.
+- ``TwoTower``: the embedding model of the Pretraining-FLM recipe, by history: the item tower is the
+  item's ID embedding plus the mean of its attribute embeddings (MovieLens genres, Amazon category and
+  brand ids, where the data has them), the user tower attention-pools the history's item vectors (with
+  recency embeddings; no per-user ID, so any history is answered), cosine similarity over temperature
+  0.1, trained to predict each training item from the items before it with a softmax over in-batch plus
+  sampled negatives, early stopping on validation NDCG@10. It is also the bundle's candidate model
+  (``recflm candidates``, ``POST /v1/candidates``).
 - ``SASRec`` (Kang & McAuley 2018), the RecBole-style recipe that matches its published figures:
   causal self-attention over the last 50 items (hidden 64, 2 blocks, 2 heads, inner 256, GELU,
   dropout 0.5), Adam lr 1e-3, batch 128, next-item cross-entropy over the whole catalog at the real
@@ -13,8 +17,8 @@
 
 Each exposes ``scores(histories, users) -> (n, n_items)`` (higher is better); the evaluator ranks
 them with the same exclusion of seen items and the same candidate lists as the generative model.
-Popularity and two-tower train on CPU in seconds on the bundled data; SASRec with early stopping in
-minutes (about 20 on Amazon Toys on one CPU thread).
+Popularity trains on CPU in seconds on the bundled data; two-tower and SASRec with early stopping in
+minutes (two-tower at most ``two_tower_minutes``, 5) (about 20 on Amazon Toys on one CPU thread).
 """
 from __future__ import annotations
 
@@ -59,48 +63,280 @@ class Popularity:
         return [float(self.item_mean[i]) if 0 <= i < self.n_items else self.global_mean for i in items]
 
 
+def attribute_ids(catalog) -> tuple[list[list[int]], list[str]]:
+    """The catalog's ``attributes`` column (a list of values per item, in ``index`` order) as attribute ids
+    (0..n-1, in order of first appearance) and the vocabulary; no column or no values: empty lists."""
+    vocab: dict[str, int] = {}
+    out = []
+    col = catalog["attributes"] if "attributes" in catalog else [None] * len(catalog)
+    for vals in col:
+        vals = [] if vals is None or (isinstance(vals, float) and vals != vals) else list(vals)
+        out.append([vocab.setdefault(str(v), len(vocab)) for v in dict.fromkeys(vals)])
+    return out, list(vocab)
+
+
+class _EarlyStopping:
+    """Best-epoch bookkeeping of a baseline's ``fit``: validation NDCG@10 after every epoch, the best epoch's
+    weights kept and restored at the end, a stop after ``patience`` epochs *and* ``patience_steps`` optimizer
+    steps without a better score, or after ``max_minutes``. It sets the model's ``best_epoch``, ``epochs_run``,
+    ``best_val_ndcg10``, ``val_history`` and ``train_seconds``."""
+
+    def __init__(self, model, valid, patience: int, patience_steps: int = 0, max_minutes: float | None = None,
+                 log=None):
+        import time
+
+        self.model, self.valid, self.patience, self.patience_steps, self.log = model, valid, patience, \
+            patience_steps, log
+        self.t0, self.limit = time.perf_counter(), (max_minutes * 60 if max_minutes else None)
+        self.best_state, self.best, self.since, self.steps, self.best_step = None, -1.0, 0, 0, 0
+        model.best_epoch, model.epochs_run, model.best_val_ndcg10, model.val_history = 0, 0, None, []
+
+    def seconds(self) -> float:
+        import time
+
+        return time.perf_counter() - self.t0
+
+    def step(self) -> bool:
+        """Count one optimizer step; True when the time is up (the epoch should end now)."""
+        self.steps += 1
+        return self.limit is not None and self.seconds() > self.limit
+
+    def out_of_time(self) -> bool:
+        return self.limit is not None and self.seconds() > self.limit
+
+    def epoch_end(self, epoch: int, loss: float) -> bool:
+        """Score the epoch on the validation split (if any), keep the best; True: stop training."""
+        import copy
+
+        m = self.model
+        m.epochs_run = epoch
+        if self.valid is None:
+            m.best_epoch = epoch
+            if self.log:
+                self.log(f"{m.name} epoch {epoch}: loss {loss:.4f} {self.seconds():.0f} s")
+            return False
+        ndcg = m.valid_ndcg10(*self.valid)
+        m.val_history.append(ndcg)
+        if ndcg > self.best:
+            self.best, self.since, m.best_epoch, self.best_step = ndcg, 0, epoch, self.steps
+            self.best_state = copy.deepcopy(m.state_dict())
+        else:
+            self.since += 1
+        if self.log:
+            self.log(f"{m.name} epoch {epoch}: loss {loss:.4f} valid NDCG@10 {ndcg:.4f} "
+                     f"(best {self.best:.4f} at {m.best_epoch}) {self.seconds():.0f} s")
+        return self.since >= self.patience and self.steps - self.best_step >= self.patience_steps
+
+    def finish(self) -> None:
+        m = self.model
+        if self.best_state is not None:
+            m.load_state_dict(self.best_state)
+            m.best_val_ndcg10 = self.best
+        m.train_seconds = self.seconds()
+        m.eval()
+
+
+@torch.no_grad()
+def valid_ndcg10(model, histories, truths, batch: int = 1024) -> float:
+    """Full-ranking NDCG@10 of ``truths`` after ``histories`` (each history's items excluded)."""
+    from .metrics import ranking_metrics
+
+    ranks = full_ranks(model, histories, truths, batch)
+    return ranking_metrics(ranks, ks_hr=(10,), ks_ndcg=(10,))["NDCG@10"] if len(ranks) else 0.0
+
+
 class TwoTower(nn.Module):
+    """The embedding model of the Pretraining-FLM recipe, answering by history (no per-user ID).
+
+    Item tower: the item's ID embedding plus the mean of its attribute embeddings (``attrs``: attribute ids
+    per item, e.g. MovieLens genres or Amazon category / brand ids; an item without attributes, or a
+    catalog without them, has its ID embedding only). User tower: attention pooling over the item-tower
+    vectors of the last ``max_len`` history items, each with a recency embedding (0 = the latest item),
+    then a linear map; so any history, of a known user or not, gets an answer. Scores are cosine
+    similarities over ``temperature`` (0.1). Trained like SASRec to predict item t from the items before
+    it, for every t of every training sequence, with a softmax over in-batch plus ``negatives`` uniformly
+    sampled items (Adam lr 2e-3, batch 64); ``fit(..., valid=(histories, truths))`` stops early on
+    validation NDCG@10 and keeps the best epoch (``_EarlyStopping``, shared with SASRec).
+
+    ``save(dir)`` / ``TwoTower.load(dir)``: ``candidates.safetensors`` (the weights and the attribute ids)
+    and ``candidates.json`` (the sizes and settings): the candidate model a bundle serves."""
+
     name = "two-tower"
-    by_history = False  # the user tower is a per-user ID embedding: scores ignore the history they are given
+    by_history = True  # the user tower reads the history it is given: short-history rows are answered too
+    WEIGHTS, CONFIG = "candidates.safetensors", "candidates.json"
 
-    def __init__(self, n_items: int, dim: int = 64, temperature: float = 0.1):
+    def __init__(self, n_items: int, dim: int = 64, temperature: float = 0.1, max_len: int = 50,
+                 attrs: list | None = None, dropout: float = 0.1):
         super().__init__()
-        self.n_items, self.dim, self.t = n_items, dim, temperature
+        self.n_items, self.dim, self.t, self.max_len, self.dropout_p = n_items, dim, temperature, max_len, dropout
+        attrs = [list(a) for a in attrs] if attrs is not None else [[] for _ in range(n_items)]
+        if len(attrs) != n_items:
+            raise ValueError(f"attrs: {len(attrs)} lists for {n_items} items")
+        self.n_attrs = 1 + max([-1] + [int(a) for row in attrs for a in row])
+        width = max([1] + [len(a) for a in attrs])
+        table = torch.zeros((n_items, width), dtype=torch.long)  # attribute id + 1; 0: none
+        for i, row in enumerate(attrs):
+            if row:
+                table[i, :len(row)] = torch.tensor(row, dtype=torch.long) + 1
+        self.register_buffer("attr_table", table)
+        self.item = nn.Embedding(n_items + 1, dim, padding_idx=0)  # item i -> i + 1; 0 is padding
+        self.attr = nn.Embedding(self.n_attrs + 1, dim, padding_idx=0)
+        self.pos = nn.Embedding(max_len, dim)
+        self.key = nn.Linear(dim, dim)
+        self.query = nn.Parameter(torch.zeros(dim))
+        self.out = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        for emb in (self.item, self.attr, self.pos):
+            nn.init.normal_(emb.weight, std=0.1)
+        with torch.no_grad():
+            self.item.weight[0].zero_()
+            self.attr.weight[0].zero_()
+        self.best_epoch, self.epochs_run, self.best_val_ndcg10, self.val_history = 0, 0, None, []
 
-    def fit(self, train_seqs, users, ratings=None, seed: int = 0, epochs: int = 20, batch: int = 512,
-            negatives: int = 256, lr: float = 5e-3):
-        g = torch.Generator().manual_seed(seed)
+    # ------------------------------------------------------------------ the towers
+    def _item_vecs(self, x: torch.Tensor) -> torch.Tensor:
+        """Item-tower vectors of item indices ``x`` + 1 (any shape; 0 = padding gives zeros)."""
+        e = self.item(x)
+        a = self.attr_table[(x - 1).clamp(min=0)]  # (..., width)
+        a = a.masked_fill((x == 0).unsqueeze(-1), 0)
+        n = (a > 0).sum(-1, keepdim=True).clamp(min=1).to(e.dtype)
+        return e + self.attr(a).sum(-2) / n
+
+    def _users(self, x: torch.Tensor) -> torch.Tensor:
+        """User vectors ``(n, dim)`` of left-padded histories ``x`` (``(n, w)``, the last column the latest item)."""
+        n, w = x.shape
+        pad = x == 0
+        h = self.drop(self._item_vecs(x) + self.pos.weight[:w].flip(0).unsqueeze(0))
+        logits = (torch.tanh(self.key(h)) @ self.query).masked_fill(pad, -1e9)
+        att = torch.softmax(logits, dim=-1) * (~pad).to(h.dtype)  # an empty history pools to zeros
+        return self.out((att.unsqueeze(-1) * h).sum(1))
+
+    def _pad(self, seqs) -> torch.Tensor:
+        seqs = [list(s)[-self.max_len:] for s in seqs]
+        x = torch.zeros((len(seqs), max([1] + [len(s) for s in seqs])), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            if s:
+                x[r, -len(s):] = torch.tensor(s, dtype=torch.long) + 1
+        return x
+
+    # ------------------------------------------------------------------ training
+    def fit(self, train_seqs, users=None, ratings=None, seed: int = 0, epochs: int = 50, batch: int = 64,
+            negatives: int = 1024, lr: float = 2e-3, valid=None, patience: int = 5, patience_steps: int = 0,
+            max_minutes: float | None = None, log=None):
+        """Train on ``train_seqs`` (each user's training items in time order): every item after the first is
+        a target, predicted from the (last ``max_len``) items before it. ``valid`` ``(histories, truths)``:
+        early stopping on its NDCG@10 (the best epoch's weights are kept); the test split is never seen."""
         torch.manual_seed(seed)
-        self.user_index = {u: i for i, u in enumerate(users)}
-        self.user = nn.Embedding(len(users), self.dim)
-        self.item = nn.Embedding(self.n_items, self.dim)
-        nn.init.normal_(self.user.weight, std=0.1)
-        nn.init.normal_(self.item.weight, std=0.1)
-        u = torch.tensor([i for i, s in enumerate(train_seqs) for _ in s], dtype=torch.long)
-        it = torch.tensor([x for s in train_seqs for x in s], dtype=torch.long)
+        g = torch.Generator().manual_seed(seed)
+        L = self.max_len
+        # every sequence after L padding zeros: the L items before any position are its prefix (padded)
+        flat, targets = [], []
+        for q in train_seqs:
+            q = [int(i) for i in q]
+            base = len(flat) + L
+            flat += [0] * L + [i + 1 for i in q]
+            targets += range(base + 1, base + len(q))
+        flat = torch.tensor(flat or [0], dtype=torch.long)
+        targets = torch.tensor(targets, dtype=torch.long)
+        ar = torch.arange(-L, 0)
         opt = torch.optim.Adam(self.parameters(), lr=lr)
-        for _ in range(epochs):
-            perm = torch.randperm(len(u), generator=g)
-            for s in range(0, len(u), batch):
-                b = perm[s:s + batch]
-                ue = nn.functional.normalize(self.user(u[b]), dim=-1)
-                cand = torch.cat([it[b], torch.randint(0, self.n_items, (negatives,), generator=g)])
-                ie = nn.functional.normalize(self.item(cand), dim=-1)
-                logits = ue @ ie.T / self.t  # in-batch positives of other users act as negatives too
-                same = it[b].unsqueeze(1) == cand.unsqueeze(0)
-                same[torch.arange(len(b)), torch.arange(len(b))] = False
-                logits = logits.masked_fill(same, float("-inf"))  # a user's own positive is never a negative
-                loss = nn.functional.cross_entropy(logits, torch.arange(len(b)))
+        stop = _EarlyStopping(self, valid, patience, patience_steps, max_minutes, log)
+        for epoch in range(1, epochs + 1):
+            if not len(targets) or stop.out_of_time():
+                break
+            self.train()
+            perm = targets[torch.randperm(len(targets), generator=g)]
+            total, steps = 0.0, 0
+            for s in range(0, len(perm), batch):
+                p = perm[s:s + batch]
+                x, tgt = flat[p.unsqueeze(1) + ar], flat[p] - 1
+                u = nn.functional.normalize(self._users(x), dim=-1)
+                cand = torch.cat([tgt, torch.randint(0, self.n_items, (negatives,), generator=g)])
+                iv = nn.functional.normalize(self._item_vecs(cand + 1), dim=-1)
+                logits = u @ iv.T / self.t  # the other rows' positives are negatives too
+                same = tgt.unsqueeze(1) == cand.unsqueeze(0)
+                same[torch.arange(len(p)), torch.arange(len(p))] = False
+                loss = nn.functional.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(len(p)))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                total, steps = total + loss.item(), steps + 1
+                if stop.step():
+                    break
+            if stop.epoch_end(epoch, total / max(1, steps)):
+                break
+        stop.finish()
         return self
 
+    def valid_ndcg10(self, histories, truths, batch: int = 1024) -> float:
+        return valid_ndcg10(self, histories, truths, batch)
+
+    # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def scores(self, histories, users) -> np.ndarray:
-        idx = torch.tensor([self.user_index[u] for u in users], dtype=torch.long)
-        ue = nn.functional.normalize(self.user(idx), dim=-1)
-        return (ue @ nn.functional.normalize(self.item.weight, dim=-1).T).numpy()
+    def item_matrix(self) -> torch.Tensor:
+        """The normalized item-tower vectors of the whole catalog, ``(n_items, dim)``."""
+        return nn.functional.normalize(self._item_vecs(torch.arange(1, self.n_items + 1)), dim=-1)
+
+    @torch.no_grad()
+    def scores(self, histories, users=None, batch: int = 1024, items: torch.Tensor | None = None) -> np.ndarray:
+        """``(n, n_items)`` cosine scores over the temperature after each history (``users`` is not used)."""
+        was = self.training
+        self.eval()
+        items = self.item_matrix() if items is None else items
+        histories = list(histories)
+        out = np.empty((len(histories), self.n_items), dtype=np.float32)
+        for s in range(0, len(histories), batch):
+            u = nn.functional.normalize(self._users(self._pad(histories[s:s + batch])), dim=-1)
+            out[s:s + batch] = (u @ items.T / self.t).numpy()
+        self.train(was)
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path, extra: dict | None = None) -> None:
+        """``candidates.safetensors`` and ``candidates.json`` (sizes, settings and ``extra``) under ``path``."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(d / self.WEIGHTS))
+        cfg = {"kind": "recflm-candidates", "model": self.name, "n_items": self.n_items, "dim": self.dim,
+               "temperature": self.t, "max_len": self.max_len, "dropout": self.dropout_p, "n_attrs": self.n_attrs,
+               "attr_width": int(self.attr_table.shape[1]), "best_epoch": self.best_epoch,
+               "epochs_run": self.epochs_run, "best_val_ndcg10": self.best_val_ndcg10, **(extra or {})}
+        (d / self.CONFIG).write_text(json.dumps(cfg, indent=2))
+
+    @classmethod
+    def load(cls, path) -> "TwoTower":
+        """The model ``save`` wrote under ``path``, in eval mode (ValueError naming the file when it is not one)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        d = Path(path)
+        for f in (cls.CONFIG, cls.WEIGHTS):
+            if not (d / f).is_file():
+                raise FileNotFoundError(f"{d / f}: no candidate model here; run `recflm candidates --bundle {d}`")
+        cfg = json.loads((d / cls.CONFIG).read_text())
+        if cfg.get("kind") != "recflm-candidates":
+            raise ValueError(f"{d / cls.CONFIG}: not a recflm candidate model (kind {cfg.get('kind')!r})")
+        state = load_file(str(d / cls.WEIGHTS))
+        table = state["attr_table"]
+        attrs = [[int(a) - 1 for a in row if a > 0] for row in table.tolist()]
+        m = cls(int(cfg["n_items"]), int(cfg["dim"]), float(cfg["temperature"]), int(cfg["max_len"]), attrs,
+                float(cfg.get("dropout", 0.1)))
+        if m.n_attrs != int(cfg["n_attrs"]):  # attribute ids nobody uses still have their rows
+            m.attr = nn.Embedding(int(cfg["n_attrs"]) + 1, m.dim, padding_idx=0)
+            m.n_attrs = int(cfg["n_attrs"])
+        m.attr_table = table.clone()
+        m.load_state_dict(state)
+        m.config = cfg
+        for key in ("best_epoch", "epochs_run", "best_val_ndcg10"):
+            setattr(m, key, cfg.get(key))
+        return m.eval()
 
 
 class SASRec(nn.Module):
@@ -208,12 +444,7 @@ class SASRec(nn.Module):
         validation item; the model is scored on it after every epoch and the best epoch's weights are
         kept. Without it the model trains ``epochs`` epochs (or ``max_minutes``) and keeps the last
         weights. The test split is never seen here."""
-        import copy
-        import time
-
         torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        limit = max_minutes * 60 if max_minutes else None
         seqs = [list(q) for q in train_seqs if len(q) >= 2]
         # long histories contribute every window of max_len + 1 items (stride max_len)
         windows = []
@@ -224,12 +455,9 @@ class SASRec(nn.Module):
         tgt = self._pad([w[1:] for w in windows]) - 1  # -1: padding, never a target
         opt = torch.optim.Adam(self.parameters(), lr=lr)
         g = torch.Generator().manual_seed(seed)
-        best_state, best, since = None, -1.0, 0
-        self.best_epoch, self.epochs_run, self.best_val_ndcg10, self.val_history = 0, 0, None, []
-        out_of_time = not windows  # nothing to learn from: the initial weights stay
-        steps_done, best_step = 0, 0
+        stop = _EarlyStopping(self, valid, patience, patience_steps, max_minutes, log)
         for epoch in range(1, epochs + 1):
-            if out_of_time:
+            if not windows or stop.out_of_time():  # nothing to learn from: the initial weights stay
                 break
             self.train()
             perm = torch.randperm(len(inp), generator=g)
@@ -241,42 +469,16 @@ class SASRec(nn.Module):
                 loss.backward()
                 opt.step()
                 total, steps = total + loss.item(), steps + 1
-                steps_done += 1
-                if limit is not None and time.perf_counter() - t0 > limit:
-                    out_of_time = True
+                if stop.step():
                     break
-            self.epochs_run, loss = epoch, total / max(1, steps)
-            if valid is not None:
-                ndcg = self.valid_ndcg10(*valid)
-                self.val_history.append(ndcg)
-                if ndcg > best:
-                    best, since, self.best_epoch, best_step = ndcg, 0, epoch, steps_done
-                    best_state = copy.deepcopy(self.state_dict())
-                else:
-                    since += 1
-                if log:
-                    log(f"SASRec epoch {epoch}: loss {loss:.4f} valid NDCG@10 {ndcg:.4f} "
-                        f"(best {best:.4f} at {self.best_epoch}) {time.perf_counter() - t0:.0f} s")
-                if since >= patience and steps_done - best_step >= patience_steps:
-                    break
-            else:
-                self.best_epoch = epoch
-                if log:
-                    log(f"SASRec epoch {epoch}: loss {loss:.4f} {time.perf_counter() - t0:.0f} s")
-        if best_state is not None:
-            self.load_state_dict(best_state)
-            self.best_val_ndcg10 = best
-        self.train_seconds = time.perf_counter() - t0
-        self.eval()
+            if stop.epoch_end(epoch, total / max(1, steps)):
+                break
+        stop.finish()
         return self
 
-    @torch.no_grad()
     def valid_ndcg10(self, histories, truths, batch: int = 1024) -> float:
         """Full-ranking NDCG@10 of ``truths`` after ``histories`` (each history's items excluded)."""
-        from .metrics import ranking_metrics
-
-        ranks = full_ranks(self, histories, truths, batch)
-        return ranking_metrics(ranks, ks_hr=(10,), ks_ndcg=(10,))["NDCG@10"] if len(ranks) else 0.0
+        return valid_ndcg10(self, histories, truths, batch)
 
     @torch.no_grad()
     def scores(self, histories, users, batch: int = 1024) -> np.ndarray:

@@ -18,7 +18,8 @@ import sys
 from .config import ConfigError
 
 # command -> the module that runs it
-STAGES = {"prepare": "prepare", "pretrain": "train", "finetune": "train", "evaluate": "evaluate", "tune": "tune",
+STAGES = {"prepare": "prepare", "pretrain": "train", "finetune": "train", "evaluate": "evaluate", "candidates": "candidates",
+          "tune": "tune",
           "serve": "serve", "submit": "submit"}
 
 

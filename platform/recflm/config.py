@@ -39,6 +39,11 @@ class SourceConfig:
     delimiter: str = ""  # table sources: CSV field separator (default "," or, for tsv, a tab)
     rating_scale: list = field(default_factory=lambda: [])  # [min, max] of the source; default per type
     ts_unit: str = "s"  # table sources: unit of numeric timestamps (s, ms, us, ns); strings are parsed as dates
+    # an item table (CSV, TSV or Parquet) of any source type: one row per item with its attributes, e.g. Amazon
+    # Toys' category and brand ids; it replaces a MovieLens movies.csv's title and genres for the items it lists
+    items: str = ""
+    # ... its column map: item (required), attrs (|-separated attribute values) and / or title
+    item_columns: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -172,12 +177,12 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def column_map(text: str) -> dict:
+def column_map(text: str, flag: str = "--columns") -> dict:
     """``user=customer,item=sku`` -> {"user": "customer", "item": "sku"} (a table source's ``columns``)."""
     out = {}
     for part in text.split(","):
         if "=" not in part:
-            raise ConfigError(f"--columns: {part!r} is not of the form canonical=column")
+            raise ConfigError(f"{flag}: {part!r} is not of the form canonical=column")
         k, v = part.split("=", 1)
         out[k.strip()] = v.strip()
     return out

@@ -9,7 +9,8 @@ Layout (all Parquet is readable by pyarrow, pandas and Ray Data)::
                             a held-out user's (``holdout``) first n_train items are its history, split
                             ``history`` in interactions.parquet, never trained on)
     users.parquet/          user, source, n_total, n_train, holdout
-    items.parquet           the catalog: item, index, id_text, source, title, genres, n_train
+    items.parquet           the catalog: item, index, id_text, source, title, genres, attributes (a list of
+                            attribute values: MovieLens genres, an item table's attrs), n_train
     stats.json              counts: input rows per file, kept, rejected by reason, users, items, ...
     manifest.json           source fingerprints, the config, versions, the ID scheme
 

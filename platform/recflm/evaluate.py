@@ -65,7 +65,9 @@ class EvalConfig:
     cold_ks: list = field(default_factory=lambda: [3, 5])  # the k of the cold-start slices and rows
     families: list = field(default_factory=list)  # evaluate these families only, e.g. [sequential] (empty: all)
     baselines: bool = False
-    two_tower_epochs: int = 20  # training budget of the baselines (passes over the training interactions)
+    two_tower_epochs: int = 50  # two-tower's most epochs; it stops early on validation NDCG@10 (the valid split)
+    two_tower_patience: int = 5  # ... after this many epochs without improvement, keeping the best epoch,
+    two_tower_minutes: float = 5  # ... or after this many minutes of training (0: no limit)
     sasrec_epochs: int = 200  # SASRec's most epochs; it stops early on validation NDCG@10 (the valid split)
     sasrec_patience: int = 10  # ... after this many epochs without improvement, keeping the best epoch,
     sasrec_patience_steps: int = 1000  # ... and at least this many optimizer steps (small data: short epochs)
@@ -467,7 +469,12 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
     ratings = {"items": pos[pos >= 0], "values": inter["rating"].to_numpy(dtype=float)[pos >= 0]}
     seq_tasks = [t for t in rows["task"].unique() if family_of(t) == "sequential" and not t.endswith(HELD_OUT)]
     holdout = info.get("holdout", False)
-    fit_args = {"two-tower": {"epochs": cfg.two_tower_epochs},
+    from .baselines import attribute_ids
+
+    attrs, _ = attribute_ids(data.catalog)  # the item tower's features (genres, category / brand ids)
+    init_args = {"two-tower": {"attrs": attrs}}
+    fit_args = {"two-tower": {"epochs": cfg.two_tower_epochs, "valid": valid, "patience": cfg.two_tower_patience,
+                              "max_minutes": cfg.two_tower_minutes or None, "log": log},
                 "SASRec": {"epochs": cfg.sasrec_epochs, "valid": valid, "patience": cfg.sasrec_patience,
                            "patience_steps": cfg.sasrec_patience_steps,
                            "max_minutes": cfg.sasrec_minutes or None, "log": log}}
@@ -501,7 +508,8 @@ def _baseline_results(data_dir: str, rows: pd.DataFrame, info: dict, cfg: EvalCo
         if not ranked and not (rated and hasattr(cls, "predict_rating")):
             continue
         t0 = time.perf_counter()
-        model = cls(info["n_items"]).fit(train, users, ratings=ratings, seed=cfg.seed, **fit_args.get(name, {}))
+        model = cls(info["n_items"], **init_args.get(name, {})).fit(train, users, ratings=ratings, seed=cfg.seed,
+                                                                     **fit_args.get(name, {}))
         by_history = getattr(model, "by_history", True)
         res = {}
 

@@ -80,7 +80,7 @@ def fingerprint(plans: list[SourcePlan]) -> list[dict]:
     """Size, mtime and a hash of the first MiB of each input file."""
     out = []
     for p in plans:
-        for f in p.files + ([p.items_meta] if p.items_meta else []):
+        for f in p.files + [m for m in (p.items_meta, p.items_table) if m]:
             st = f.stat()
             with open(f, "rb") as fh:
                 head = hashlib.sha256(fh.read(1 << 20)).hexdigest()[:16]
@@ -308,7 +308,10 @@ def run(cfg: PrepareConfig, log=print) -> dict:
     catalog = assign_ids(istats, cfg.indexing, cfg.seed, cooc, cfg.collab_clusters, cfg.collab_leaf_size)
     meta = pd.concat([read_item_meta(p) for p in plans], ignore_index=True)
     catalog = catalog.merge(meta, on="item", how="left") if not meta.empty else catalog.assign(title=None, genres=None)
-    catalog = catalog[["item", "index", "id_text", "source", "title", "genres", "n_train", "n_total"]]
+    # attributes: the item's attribute values (MovieLens genres, an item table's attrs column), [] where none
+    catalog["attributes"] = [list(a) if isinstance(a, (list, np.ndarray)) else []
+                             for a in catalog.get("attributes", pd.Series([None] * len(catalog)))]
+    catalog = catalog[["item", "index", "id_text", "source", "title", "genres", "attributes", "n_train", "n_total"]]
     catalog.to_parquet(out / ITEMS, index=False)
 
     log("prepare: catalog built")
@@ -442,6 +445,10 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--columns", action="append", default=[], metavar="MAP",
                    help="column map for the matching --table, e.g. user=customer,item=sku,rating=stars,ts=time")
     p.add_argument("--delimiter", help="field separator of every --table CSV (default: ',' or, for .tsv, a tab)")
+    p.add_argument("--items", metavar="FILE", help="an item table (CSV, TSV or Parquet) of the (one) source: the items' "
+                   "attributes for the two-tower baseline and candidate model, e.g. Toys_and_Games_items.csv.gz")
+    p.add_argument("--item-columns", metavar="MAP", help="column map of --items: item=COL (required), "
+                   "attrs=COL (|-separated values) and / or title=COL, e.g. item=item,attrs=attributes")
     p.add_argument("--k-core", type=int, help="k for iterative k-core filtering (config key: k_core)")
     p.add_argument("--indexing", choices=["sequential", "random", "collaborative"], help="item ID scheme")
     p.add_argument("--holdout-users", type=float, metavar="P",
@@ -470,6 +477,16 @@ def command(args) -> int:
               for p, c in zip(args.table, args.columns)]
     if extra:
         cfg.sources = [to_dict(s) for s in extra]
+    if args.items or args.item_columns:
+        if not (args.items and args.item_columns):
+            raise ConfigError("--items and --item-columns go together (e.g. --items items.csv --item-columns "
+                              "item=item,attrs=attributes)")
+        sources = [to_dict(s) for s in parse_sources(cfg)] or [to_dict(bundled_source())]
+        if len(sources) != 1:
+            raise ConfigError(f"--items names the item table of one source; this config has {len(sources)} "
+                              "(set items / item_columns on each source in the config file instead)")
+        sources[0].update(items=args.items, item_columns=column_map(args.item_columns, "--item-columns"))
+        cfg.sources = sources
     if args.update:
         from .prepare_update import update
 

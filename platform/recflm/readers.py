@@ -47,6 +47,7 @@ class SourcePlan:
     files: list[Path]  # interaction files
     kind_of: dict = field(default_factory=dict)  # file -> "interaction" | "tag"
     items_meta: Path | None = None  # MovieLens movies.csv
+    items_table: Path | None = None  # the source's item table (SourceConfig.items)
     scale: tuple = (1.0, 5.0)
     has_rating: bool = True
     has_text: bool = False
@@ -101,6 +102,42 @@ def plan_source(cfg: SourceConfig, name: str) -> SourcePlan:
     if len(scale) != 2 or not scale[0] < scale[1]:
         raise SourceError(f"source {name!r}: rating_scale must be [min, max] with min < max, got {list(scale)}")
 
+    plan = _plan_interactions(cfg, name, path, scale)
+    if cfg.items:
+        plan.items_table = _plan_items(cfg, name)
+    return plan
+
+
+ITEM_COLUMNS = ("item", "attrs", "title")  # the keys of an item table's column map
+ATTR_SEP = "|"  # attribute values in one field of an item table (MovieLens genres alike)
+
+
+def _plan_items(cfg: SourceConfig, name: str) -> Path:
+    """Check a source's item table (exists, readable, the mapped columns present) and return its path."""
+    cols = dict(cfg.item_columns)
+    unknown = sorted(set(cols) - set(ITEM_COLUMNS))
+    if unknown:
+        raise SourceError(f"source {name!r}: unknown item-column key(s) {unknown} (known: {', '.join(ITEM_COLUMNS)})")
+    if "item" not in cols:
+        raise SourceError(f"source {name!r}: the item-column map must name the 'item' column (e.g. item=item,"
+                          "attrs=attributes)")
+    if not set(cols) & {"attrs", "title"}:
+        raise SourceError(f"source {name!r}: the item-column map names no 'attrs' or 'title' column: the item "
+                          "table would add nothing")
+    f = _require_file(Path(cfg.items).expanduser())
+    fmt = _table_format(f)
+    if fmt == "parquet":
+        try:
+            have = pq.read_schema(f).names
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise SourceError(f"{f}: cannot read as Parquet: {e}") from None
+    else:
+        have = _csv_header(f, "\t" if fmt == "tsv" else ",")
+    _require_columns(f, have, list(cols.values()))
+    return f
+
+
+def _plan_interactions(cfg: SourceConfig, name: str, path: Path, scale: tuple) -> SourcePlan:
     if cfg.type == "movielens":
         if not path.is_dir():
             raise SourceError(f"{path}: a MovieLens source must be a directory holding ratings.csv")
@@ -371,13 +408,46 @@ def read_source(plan: SourcePlan, post=None):
         udf(_CsvParser(plan.name, spec)), batch_format="pyarrow", batch_size=100_000)
 
 
+def split_attrs(value) -> list[str]:
+    """``"Action|Comedy"`` -> ["Action", "Comedy"]; empty and MovieLens's "(no genres listed)" give none."""
+    if not isinstance(value, str):
+        return []
+    return [a.strip() for a in value.split(ATTR_SEP) if a.strip() and a.strip() != "(no genres listed)"]
+
+
 def read_item_meta(plan: SourcePlan) -> pd.DataFrame:
-    """Item metadata (item key, title, genres) for the catalog; small, read on the driver."""
-    if plan.items_meta is None:
-        return pd.DataFrame(columns=["item", "title", "genres"])
-    df = pd.read_csv(plan.items_meta, dtype=str)
-    out = pd.DataFrame({"item": plan.name + ":" + df["movieId"].str.strip(), "title": df["title"]})
-    out["genres"] = df["genres"] if "genres" in df else None
+    """Item metadata (item key, title, genres, attributes) for the catalog; small, read on the driver.
+
+    ``attributes``: the item's attribute values (a list of strings): a MovieLens movie's genres, or the
+    ``attrs`` column of the source's item table, which also replaces a movies.csv's title where it maps one."""
+    out = pd.DataFrame(columns=["item", "title", "genres", "attributes"])
+    if plan.items_meta is not None:
+        df = pd.read_csv(plan.items_meta, dtype=str)
+        out = pd.DataFrame({"item": plan.name + ":" + df["movieId"].str.strip(), "title": df["title"]})
+        out["genres"] = df["genres"] if "genres" in df else None
+        out["attributes"] = [split_attrs(g) for g in out["genres"]]
+    if plan.items_table is not None:
+        c = plan.cfg.item_columns
+        f = plan.items_table
+        fmt = _table_format(f)
+        try:
+            df = pd.read_parquet(f, columns=list(dict.fromkeys(c.values()))) if fmt == "parquet" else \
+                pd.read_csv(f, dtype=str, sep="\t" if fmt == "tsv" else ",", usecols=list(dict.fromkeys(c.values())),
+                            keep_default_na=False)
+        except Exception as e:  # pandas / pyarrow raise several types for a bad file
+            raise SourceError(f"{f}: cannot read the item table: {e}") from None
+        keys = plan.name + ":" + _as_str(df[c["item"]], len(df)).str.strip()
+        table = pd.DataFrame({"item": keys}).drop_duplicates("item", keep="last")
+        rows = table.index
+        table["attributes"] = [split_attrs(v) for v in df[c["attrs"]].astype(str).iloc[rows]] if "attrs" in c \
+            else [[] for _ in rows]
+        table["title"] = df[c["title"]].iloc[rows].where(lambda t: t.astype(str) != "", None).to_numpy() \
+            if "title" in c else None
+        old = out.set_index("item")
+        if "title" not in c and len(old):  # movies.csv titles stay where the table names none
+            table["title"] = table["item"].map(old["title"])
+        table["genres"] = table["item"].map(old["genres"]) if len(old) else None
+        out = pd.concat([out[~out["item"].isin(set(table["item"]))], table], ignore_index=True)
     return out
 
 

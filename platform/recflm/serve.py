@@ -87,6 +87,7 @@ class ServeConfig:
     max_id_chars: int = 200  # longest user / item id accepted
     max_body_bytes: int = 65536
     max_review_chars: int = 5000  # longest review text POST /v1/review accepts (the prompt uses its first part)
+    max_candidates: int = 200  # the most items POST /v1/candidates returns (its default k)
     explain_tokens: int = 32
     explain_beams: int = 4
     # "fused": one deployment is both the FastAPI ingress and the model (each replica answers HTTP itself: no hop
@@ -147,7 +148,7 @@ def check_config(cfg: ServeConfig) -> None:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive")
     for key in ("max_history", "max_review_chars", "max_body_bytes", "max_id_chars", "threads", "api_replicas",
-                "max_batch_size"):
+                "max_batch_size", "max_candidates"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
     if cfg.max_review_chars + REVIEW_BODY_SLACK > cfg.max_body_bytes:  # the schema would promise what 413 refuses

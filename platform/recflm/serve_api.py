@@ -150,12 +150,16 @@ def error_schema():
 
 
 def request_models(cfg: "ServeConfig"):
-    """(RecommendRequest, PairRequest, ReviewRequest): the request schemas with the config's limits."""
+    """(RecommendRequest, PairRequest, ReviewRequest, CandidatesRequest): the request schemas with the config's
+    limits."""
     from typing import Annotated, Literal, Optional
 
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
     Id = Annotated[str, Field(min_length=1, max_length=cfg.max_id_chars)]
+    # JSON Schema's integer includes 87.0: a whole-number float is taken as the integer it is, anything else
+    # (2.5, "10", true) stays a wrong type under strict validation
+    Count = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
     body_note = f" The JSON body may hold at most {cfg.max_body_bytes} bytes."
 
     class Strict(BaseModel):
@@ -173,7 +177,7 @@ def request_models(cfg: "ServeConfig"):
         history: Optional[list[Id]] = Field(None, min_length=1, max_length=cfg.max_history,
                                             description="item ids of the catalog the user interacted with, "
                                             "oldest first", examples=[["ml:1", "ml:50"]])
-        k: int = Field(cfg.default_k, ge=1, le=cfg.beams, description="how many items to return")
+        k: Count = Field(cfg.default_k, ge=1, le=cfg.beams, description="how many items to return")
         exclude_seen: bool = Field(True, description="never recommend an item of the history")
 
     class PairRequest(Strict):
@@ -197,7 +201,23 @@ def request_models(cfg: "ServeConfig"):
         item: Optional[Id] = Field(None, description="an item id of the catalog the review is about",
                                    examples=["ff:B001E4KFG0"])
 
-    return RecommendRequest, PairRequest, ReviewRequest
+    class CandidatesRequest(Strict):
+        model_config = ConfigDict(json_schema_extra={
+            "anyOf": [{"required": ["user"], "properties": {"user": {"type": "string"}}},
+                      {"required": ["history"], "properties": {"history": {"type": "array"}}}],
+            "description": "A known user or a history of catalog item ids, or both (the history is used), answered "
+                           "by the bundle's two-tower candidate model (`recflm candidates`): the top k items by "
+                           "cosine score, no generation. Unknown ids, or a bundle without a candidate model, are "
+                           "answered with 404." + body_note})
+        user: Optional[Id] = Field(None, description="a user id of the training data (its history is used when "
+                                   "no history is given)", examples=["ml:1"])
+        history: Optional[list[Id]] = Field(None, min_length=1, max_length=cfg.max_history,
+                                            description="item ids of the catalog the user interacted with, "
+                                            "oldest first", examples=[["ml:1", "ml:50"]])
+        k: Count = Field(cfg.max_candidates, ge=1, le=cfg.max_candidates, description="how many candidates to return")
+        exclude_history: bool = Field(True, description="never return an item of the history")
+
+    return RecommendRequest, PairRequest, ReviewRequest, CandidatesRequest
 
 
 def add_error_handlers(app) -> None:
@@ -298,7 +318,8 @@ def add_guard(app, api: "Api") -> None:
 def declared_errors(body, *statuses: int) -> dict:
     """FastAPI ``responses`` for the error statuses a route answers with, each with ``body``, the error schema."""
     why = {400: "the body is not JSON, or a header is malformed", 401: "a bearer token is required (when auth is on)",
-           404: "an id that is not in the catalog or the training data, or no such path",
+           404: "an id that is not in the catalog or the training data, no such path, or (/v1/candidates) a "
+                "bundle without a candidate model",
            409: "the served bundle was not trained on the task's family (no_review_family)",
            413: "the body is larger than max_body_bytes", 415: "the body is not application/json",
            422: "a field is missing, unknown, of the wrong type or out of its range",
@@ -318,7 +339,7 @@ def add_routes(app, api: "Api") -> None:
     from fastapi import Path as PathParam
 
     cfg = api.cfg
-    RecommendRequest, PairRequest, ReviewRequest = request_models(cfg)
+    RecommendRequest, PairRequest, ReviewRequest, CandidatesRequest = request_models(cfg)
     body = error_schema()
     post = declared_errors(body, 400, 401, 404, 413, 415, 422, 500, 503)
     get = declared_errors(body, 401, 500, 503)
@@ -332,6 +353,17 @@ def add_routes(app, api: "Api") -> None:
         out = await api.call("recommend", body.model_dump())
         if "items" in out:
             api.metrics.items.inc(len(out["items"]), tags={"endpoint": "/v1/recommend"})
+        return answer(out)
+
+    @app.post("/v1/candidates", summary="Candidate items for a known user or a raw history, by the two-tower "
+              "model (fast: no generation)", responses=post)
+    async def candidates(body: CandidatesRequest):
+        if body.user is None and body.history is None:
+            return error_response(422, "missing_field", "user", "give a known user id ('user') or a history of item "
+                                  "ids ('history')")
+        out = await api.call("candidates", body.model_dump())
+        if "items" in out:
+            api.metrics.items.inc(len(out["items"]), tags={"endpoint": "/v1/candidates"})
         return answer(out)
 
     @app.post("/v1/rating", summary="Predict the rating a user gives an item", responses=post)
@@ -357,8 +389,8 @@ def add_routes(app, api: "Api") -> None:
         out = await api.call("info")
         if "error" in out:
             return answer(out)
-        keys = ("beams", "default_k", "max_history", "max_review_chars", "max_body_bytes", "max_batch_size", "min_replicas", "max_replicas",
-                "dtype", "layout")
+        keys = ("beams", "default_k", "max_history", "max_review_chars", "max_candidates", "max_body_bytes",
+                "max_batch_size", "min_replicas", "max_replicas", "dtype", "layout")
         return {**out, "api_version": API_VERSION, "auth": bool(api.token),
                 "limits": {k: getattr(cfg, k) for k in keys}}
 

@@ -157,7 +157,24 @@ class ModelState:
         if "history" in self.inference:  # the bundle says how many history items its input holds
             self.max_prompt_history = int(self.inference["history"])
         self._entries = [self._entry(i) for i in range(len(cat))]
+        self._load_candidates()
         self.load_s = round(time.perf_counter() - t0, 2)
+
+    def _load_candidates(self) -> None:
+        """The bundle's two-tower candidate model (``recflm candidates``), if it has one, with the catalog's
+        item vectors computed once; it must name the bundle's items, in the same order."""
+        from .baselines import TwoTower
+        from .bundle import BundleError
+
+        self.candidates, self.candidate_items = None, None
+        if not (self.bundle.path / TwoTower.CONFIG).is_file():
+            return
+        model = TwoTower.load(self.bundle.path)
+        if model.config.get("items") != [str(k) for k in self.catalog["item"]]:
+            raise BundleError(f"{self.bundle.path / TwoTower.CONFIG}: the candidate model was trained on another "
+                              f"catalog ({model.n_items} items); run `recflm candidates --bundle {self.bundle.path}` "
+                              "again")
+        self.candidates, self.candidate_items = model, model.item_matrix()
 
     def _read_dataset(self) -> None:
         """Known users' training histories (and their ratings) and the prompt settings from the dataset, when
@@ -270,21 +287,28 @@ class Recommender:
                         f"(not in the catalog of {len(st.ids)} items)")
         return None
 
-    async def recommend(self, req: dict) -> dict:
-        st = self.state
+    def _history(self, st: ModelState, req: dict) -> tuple[list[int], str, dict | None]:
+        """(catalog indices, where they came from, None) of a request's history (or, without one, the known
+        user's training history), or ([], "", the 4xx answer) for unknown item ids or an unknown user."""
         user, history = req.get("user"), req.get("history")
         if history is not None:
             bad = self._unknown_items(st, history, "history")
             if bad:
-                return bad
-            hist, source = [st.index[h] for h in history], "request"
-        elif user in st.histories:
-            hist, source = st.histories[user], "training data"
-        else:
-            why = "no dataset with users' histories is loaded" if st.histories_from is None else \
-                "not a user of the training data"
-            return model_error(404, "unknown_user", "user", f"unknown user {user!r} ({why}): send its history "
-                        "as a list of item ids in 'history'")
+                return [], "", bad
+            return [st.index[h] for h in history], "request", None
+        if user in st.histories:
+            return st.histories[user], "training data", None
+        why = "no dataset with users' histories is loaded" if st.histories_from is None else \
+            "not a user of the training data"
+        return [], "", model_error(404, "unknown_user", "user", f"unknown user {user!r} ({why}): send its history "
+                                   "as a list of item ids in 'history'")
+
+    async def recommend(self, req: dict) -> dict:
+        st = self.state
+        user = req.get("user")
+        hist, source, bad = self._history(st, req)
+        if bad:
+            return bad
         k = int(req["k"])
         prompt, prefix = sequential_input(st.t_seq, user or "new", [st.ids[i] for i in hist], st.max_prompt_history)
         exclude = set(hist) if req.get("exclude_seen", True) else set()
@@ -292,6 +316,32 @@ class Recommender:
         return {"user": user, "known_user": user in st.histories, "history_source": source,
                 "history_length": len(hist), "k": k,
                 "items": [{"rank": r + 1, **st.item_entry(i), "score": round(s, 4)} for r, (i, s) in enumerate(found)],
+                "model_version": st.version}
+
+    def candidates(self, req: dict) -> dict:
+        """The top ``k`` catalog items by the two-tower's cosine scores after the history: one matrix product,
+        no generation (the fast first stage beside ``recommend``)."""
+        import numpy as np
+
+        st = self.state
+        if st.candidates is None:
+            return model_error(404, "no_candidate_model", "", f"the bundle {st.path} has no candidate model: "
+                               f"train one with `recflm candidates --bundle {st.path}`")
+        user = req.get("user")
+        hist, source, bad = self._history(st, req)
+        if bad:
+            return bad
+        k = int(req["k"])
+        scores = st.candidates.scores([hist], items=st.candidate_items)[0].astype(np.float64)
+        if req.get("exclude_history", True) and hist:
+            scores[np.asarray(hist, dtype=np.int64)] = -np.inf
+        k = min(k, int(np.isfinite(scores).sum()))
+        top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+        top = top[np.lexsort((top, -scores[top]))]  # best first, ties by catalog index
+        return {"user": user, "known_user": user in st.histories, "history_source": source,
+                "history_length": len(hist), "k": k, "model": "two-tower",
+                "items": [{"rank": r + 1, **st.item_entry(int(i)), "score": round(float(scores[i]), 4)}
+                          for r, i in enumerate(top)],
                 "model_version": st.version}
 
     def _pair_prompt(self, st: ModelState, req: dict, template) -> tuple[str | None, dict | None]:
@@ -385,6 +435,10 @@ class Recommender:
                 "known_users": len(st.histories), "histories": st.histories_from,
                 "example_users": list(st.histories)[:3], "prompt_history": st.max_prompt_history,
                 "rating_scale": list(st.scale),
+                "candidates": None if st.candidates is None else {
+                    "model": "two-tower", "dim": st.candidates.dim, "attribute_values": st.candidates.n_attrs,
+                    "best_val_ndcg10": st.candidates.best_val_ndcg10, "trained_unix": st.candidates.config.get(
+                        "trained_unix")},
                 "templates": {"sequential": st.t_seq.id, "rating": st.t_rating.id, "explanation": st.t_explain.id,
                               **({f"review-{k}": [t.id for t, _ in v] for k, v in st.t_review.items()})},
                 "review_family": st.review_family}

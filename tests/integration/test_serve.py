@@ -456,3 +456,90 @@ def test_auth(served, tmp_path):
     assert c.post("/v1/recommend", json=body, headers=ok).status_code == 200
     assert c.get("/v1/model", headers=ok).json()["auth"] is True
     assert c.get("/v1/health").status_code == 200  # probes need no token
+
+
+def test_candidates_endpoint(served, tmp_path):
+    """POST /v1/candidates: 404 no_candidate_model until `recflm candidates` trained one into the bundle, then the
+    two-tower's top k (the scores a loaded copy computes here), validated like /v1/recommend, and the spec still
+    the contract (schemathesis on the route with a candidate model served)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from recflm.baselines import TwoTower
+    from recflm.candidates import CandidatesConfig, run as train_candidates
+
+    c, catalog, cfg = served["client"], served["catalog"], served["cfg"]
+    user, hist = _known_user(served)
+    r = c.post("/v1/candidates", json={"user": user, "k": 3})
+    assert r.status_code == 404 and r.json()["error"] == "no_candidate_model", r.text
+    assert "recflm candidates --bundle" in r.json()["message"]
+
+    second = tmp_path / "with_candidates"
+    shutil.copytree(served["bundle"], second)
+    (second / "manifest.json").write_text(json.dumps({**served["info"]["manifest"], "rollout": "candidates"}))
+    train_candidates(CandidatesConfig(bundle=str(second), dim=16, epochs=2, minutes=1, negatives=128),
+                     log=lambda *a: None)
+    assert (second / "candidates.safetensors").is_file() and (second / "candidates.json").is_file()
+    run(ServeConfig(**{**cfg.__dict__, "bundle": str(second)}), log=lambda *a: None)
+    try:
+        info = c.get("/v1/model").json()
+        assert info["bundle"] == str(second.resolve()) and info["candidates"]["model"] == "two-tower"
+        assert info["limits"]["max_candidates"] == cfg.max_candidates == 200
+        schema = c.get("/openapi.json").json()
+        assert schema["components"]["schemas"]["CandidatesRequest"]["properties"]["k"]["maximum"] == 200
+
+        # a known user: its training history, the history excluded, best first, as the loaded model scores it
+        r = c.post("/v1/candidates", json={"user": user, "k": 7})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["history_source"] == "training data" and out["known_user"] and out["history_length"] == len(hist)
+        assert [it["rank"] for it in out["items"]] == list(range(1, 8))
+        got = [it["index"] for it in out["items"]]
+        assert not set(got) & set(hist) and all(it["item"] in set(catalog["item"]) for it in out["items"])
+        scores = [it["score"] for it in out["items"]]
+        assert scores == sorted(scores, reverse=True)
+        s = TwoTower.load(second).scores([hist])[0]
+        s[hist] = -np.inf
+        assert set(got) == set(np.argsort(-s, kind="stable")[:7].tolist()) or \
+            np.allclose(sorted(s[got]), sorted(np.sort(s)[::-1][:7]), atol=1e-4)  # ties may swap places
+        # a new user's history; the default k is max_candidates; exclude_history honoured
+        history = [str(k) for k in catalog.sort_values("index")["item"][:4]]
+        r = c.post("/v1/candidates", json={"user": "brand-new", "history": history})
+        assert r.status_code == 200 and len(r.json()["items"]) == 200 and not r.json()["known_user"]
+        assert not {it["item"] for it in r.json()["items"]} & set(history)
+        r = c.post("/v1/candidates", json={"history": history, "k": 50, "exclude_history": False})
+        assert r.status_code == 200 and len(r.json()["items"]) == 50
+        r = c.post("/v1/candidates", json={"history": history, "k": 3.0})  # JSON Schema's integer includes 3.0
+        assert r.status_code == 200 and len(r.json()["items"]) == 3, r.text
+
+        big = json.dumps({"user": user, "pad": "x" * 5000}).encode()
+        for body, status, reason, words in [
+            ({"history": [history[0], "nope:1"]}, 404, "unknown_item", ["history", "'nope:1'"]),
+            ({"user": "never-seen-user"}, 404, "unknown_user", ["user", "history"]),
+            ({"user": user, "k": 0}, 422, "out_of_range", ["k", "greater than or equal to 1"]),
+            ({"user": user, "k": 201}, 422, "out_of_range", ["k", "less than or equal to 200"]),
+            ({"user": user, "k": 2.5}, 422, "wrong_type", ["k", "integer"]),
+            ({}, 422, "missing_field", ["user", "history"]),
+            ({"user": user, "exclude_seen": True}, 422, "unknown_field", ["exclude_seen"]),
+            (big, 413, "body_too_large", ["body", "4096"]),
+        ]:
+            r = c.post("/v1/candidates", **({"json": body} if isinstance(body, dict) else
+                                            {"content": body, "headers": {"content-type": "application/json"}}))
+            assert r.status_code == status and r.json()["error"] == reason, (body, r.status_code, r.text)
+            assert all(w in r.json()["message"] for w in words), (body, r.json())
+
+        exe = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
+        if not Path(exe).exists():
+            pytest.fail("schemathesis is not installed: it is a test dependency (make venv)")
+        proc = subprocess.run([exe, "run", f"{served['url']}/openapi.json", "--checks", "all",
+                               "--include-path", "/v1/candidates",
+                               "--phases", "examples,coverage,fuzzing", "--max-examples", "12", "--seed", "7",
+                               "--workers", "1", "--generation-database", "none", "--no-color",
+                               "--request-timeout", "60", "--suppress-health-check", "all", "--warnings", "off"],
+                              capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        tail = proc.stdout[-8000:] + proc.stderr[-2000:]
+        assert proc.returncode == 0, tail
+    finally:
+        run(ServeConfig(**{**cfg.__dict__, "bundle": str(served["bundle"])}), log=lambda *a: None)
