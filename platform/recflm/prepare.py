@@ -490,6 +490,10 @@ def command(args) -> int:
     if args.update:
         from .prepare_update import update
 
+        if args.out or args.k_core is not None or args.indexing:
+            raise ConfigError("--update DIR updates DIR in place with the settings it was prepared with: "
+                              "--out, --k-core and --indexing do not apply")
+
         stats = update(args.update, parse_sources(cfg))
         print(format_stats(stats))
         print(f"dataset {args.update} updated")

@@ -140,3 +140,11 @@ def test_finetune_extends_the_bundle_to_the_updated_catalog(updated_data, update
     assert updated.model.config.vocab_size == updated.tokenizer.vocab_size >= base.tokenizer.vocab_size
     with pytest.raises(Exception, match="catalog=extend"):  # keep refuses the grown catalog
         check_catalog_mode(base.catalog, data.path, "keep")
+
+
+def test_cli_update_refuses_settings_that_do_not_apply(tmp_path, capsys):
+    from recflm.cli import main
+
+    assert main(["prepare", "--update", str(tmp_path), "--k-core", "3", "--table", str(tmp_path / "new.csv"),
+                 "--columns", "user=user,item=item,rating=rating,ts=ts"]) == 2
+    assert "--k-core" in capsys.readouterr().err
