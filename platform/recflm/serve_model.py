@@ -11,8 +11,9 @@ beside the old and swaps it in whole.
 model calls (``serve.batch``): constrained beam search over the catalog for recommendations (catalog items
 only, the history excluded), expected-rating decoding (the mean over the scale's rating texts) for ratings
 and review ratings, beam decoding for explanations and review summaries (``review``: only for a bundle
-trained on the review family, else a 409 ``no_review_family``). Its methods take requests the ingress (``serve_api``) already validated,
-and answer a dict, or ``{"error": {...}}`` (``model_error``) that the ingress turns into a 4xx.
+trained on the review family, else a 409 ``no_review_family``). Its methods take requests the ingress
+(``serve_api``) already validated, and answer a dict, or ``{"error": {...}}`` (``model_error``) that the
+ingress turns into a 4xx.
 """
 from __future__ import annotations
 
@@ -388,8 +389,6 @@ class Recommender:
         from .generate import parse_rating
         from .prompts import format_rating
 
-        import pandas as pd
-
         st, task = self.state, req.get("task") or "summary"
         if not st.review_family:
             return model_error(409, "no_review_family", "task", f"the served bundle was not trained on the review "
@@ -406,6 +405,8 @@ class Recommender:
         if temp is None:
             return model_error(409, "no_review_family", "task", f"the bundle's review templates have no seen "
                                f"template for task {task!r}")
+        import pandas as pd
+
         text = normalise_text(pd.Series([req["text"]], dtype="object")).iloc[0] or ""
         fields = {"text": text[:st.max_text_chars], "user": user or "new",
                   "item": st.ids[st.index[item]] if item is not None else "", "summary": "",

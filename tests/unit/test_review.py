@@ -138,3 +138,21 @@ def test_served_manifest_is_json_safe():
     out = json_safe(m)
     assert out == {"metrics": {"val_ndcg10": None, "val_loss": 3.5, "h": [None, 1]}, "families": ["review"]}
     json.dumps(out, allow_nan=False)
+
+
+def test_bench_review_table_and_summary_line():
+    from jobs.bench_review import configs, format_review_table, parse_args, summary_line
+
+    results = {"recflm": {"review": {"ROUGE-L": 12.0, "BLEU-4": 1.0, "n": 50}, "review-rating": {"RMSE": 1.1, "n": 40}},
+               "lead": {"review": {"ROUGE-L": 10.0, "n": 50}}, "means": {"review-rating": {"RMSE": float("nan"), "n": 40}}}
+    table = format_review_table(results)
+    assert "summaries n=50, star ratings n=40" in table
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[3:]}
+    assert list(rows) == ["recflm", "lead", "means"] and rows["recflm"][3] == "12.0000" and rows["means"][4] == "—"
+    assert summary_line(results, 2.0) == ("SUMMARY bench_review rougeL recflm=12.0000 lead=10.0000 nearest=nan "
+                                          "rmse recflm=1.1000 means=nan bow_ridge=nan minutes=2.0")
+    _, tcfg, ecfg = configs(parse_args(["--budget-minutes", "10", "--examples", "7", "lr=0.01"]), stamp=1)
+    assert tcfg.max_minutes == 6.0 and tcfg.lr == 0.01 and tcfg.name == "bench_review_1"
+    assert ecfg.baselines and ecfg.text_examples == 7 and ecfg.families == ["review", "rating"]
+    with pytest.raises(SystemExit):
+        parse_args(["notakeyvalue"])
