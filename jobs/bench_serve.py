@@ -71,7 +71,8 @@ def naive_server(bundle: str, port: int, beams: int, threads: int) -> None:
 
 
 # ----------------------------------------------------------------------------- load generation
-async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict:
+async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: float,
+                      path: str = "/v1/recommend") -> dict:
     import httpx
 
     lat, errors, invalid = [], 0, 0
@@ -84,7 +85,7 @@ async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: f
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/v1/recommend", json=bodies[n % len(bodies)])
+                    r = await client.post(path, json=bodies[n % len(bodies)])
                     ok = r.status_code == 200
                     if ok:
                         invalid += sum(1 for it in r.json()["items"] if it.get("valid") is False)

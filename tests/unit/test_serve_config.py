@@ -67,6 +67,8 @@ def test_the_config_is_typed_and_never_changed_in_place(tmp_path):
         check_config(dataclasses.replace(cfg, threads=0))
     with pytest.raises(ConfigError, match="max_review_chars=9000 does not fit in max_body_bytes=8192"):
         check_config(dataclasses.replace(cfg, max_review_chars=9000, max_body_bytes=8192))
+    with pytest.raises(ConfigError, match="max_candidates must be at least 1"):
+        check_config(dataclasses.replace(cfg, max_candidates=0))
 
 
 def test_the_openapi_schema_says_what_validation_enforces():
@@ -89,6 +91,19 @@ def test_the_openapi_schema_says_what_validation_enforces():
         for s in statuses:
             ref = responses[s]["content"]["application/json"]["schema"]["$ref"]
             assert ref.endswith("/ErrorBody")
+    cand = spec["components"]["schemas"]["CandidatesRequest"]
+    assert cand["properties"]["k"]["maximum"] == cfg.max_candidates == 200 and cand["properties"]["k"]["default"] == 200
+    assert [a["required"] for a in cand["anyOf"]] == [["user"], ["history"]] and cand["additionalProperties"] is False
+    assert set(spec["paths"]["/v1/candidates"]["post"]["responses"]) == \
+        {"200", "400", "401", "404", "413", "415", "422", "500", "503"}
+    # JSON Schema's integer includes 3.0: both k fields take a whole-number float, and nothing else
+    from recflm.serve_api import request_models
+
+    Rec, _, _, Cand = request_models(cfg)
+    assert Rec.model_validate({"user": "u", "k": 3.0}).k == 3 and Cand.model_validate({"user": "u", "k": 7.0}).k == 7
+    for bad in (2.5, "3", True):
+        with pytest.raises(Exception, match="valid integer"):
+            Cand.model_validate({"user": "u", "k": bad})
     assert "Retry-After" in spec["paths"]["/v1/rating"]["post"]["responses"]["503"]["headers"]
     review = spec["components"]["schemas"]["ReviewRequest"]
     assert review["properties"]["text"]["maxLength"] == cfg.max_review_chars and review["required"] == ["text"]
