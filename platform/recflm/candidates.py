@@ -57,7 +57,9 @@ def run(cfg: CandidatesConfig, log=print) -> Path:
     data = PreparedData.open(data_dir)
     catalog = pd.read_parquet(b / "items.parquet").sort_values("index").reset_index(drop=True)
     check_catalog(catalog, data_dir)  # the histories are item indices: they must mean the bundle's items
-    seqs = data.sequences_pandas(columns=["index", "n_train"])
+    seqs = data.sequences_pandas(columns=["user", "index", "n_train"])
+    # users held out of training (prepare --holdout-users) stay new users for this model too
+    seqs = seqs[~seqs["user"].isin(data.holdout_users)].reset_index(drop=True)
     train = [[int(i) for i in ix[:int(n)]] for ix, n in zip(seqs["index"], seqs["n_train"])]
     has_valid = [len(ix) > int(n) for ix, n in zip(seqs["index"], seqs["n_train"])]
     valid = ([t for t, v in zip(train, has_valid) if v],
