@@ -124,18 +124,22 @@ def test_new_user_slices_for_recflm_rows_and_every_baseline(held, monkeypatch):
             fitted["users"], fitted["seqs"] = list(users), list(train_seqs)
             return super().fit(train_seqs, users, **kw)
 
+    class PerUserId(bl.Popularity):  # a model that scores by a per-user ID table, not the history it is given
+        by_history = False
+
     monkeypatch.setitem(bl.BASELINES, "popularity", Recorded)
+    monkeypatch.setitem(bl.BASELINES, "per-user-id", PerUserId)
     res = _baseline_results(str(data.path), rows, info,
                             EvalConfig(two_tower_epochs=1, sasrec_epochs=1, sasrec_patience_steps=0), log=lambda *a: None)
     assert fitted["users"] and not set(fitted["users"]) & new  # no baseline trains on a held-out user
     n_new = int(seen["new_user"].sum())
-    for name in ("popularity", "SASRec"):  # they answer from a history: a new user is answered like any other
+    for name in ("popularity", "SASRec", "two-tower"):  # they answer from a history: a new user like any other
         for task in ("sequential/seen", "direct"):
             assert res[name][f"{task}|new-user"]["n"] == n_new and "NDCG@10" in res[name][f"{task}|new-user"], name
             assert res[name][f"{task}|seen-user"]["n"] == len(seen) - n_new
         assert 0 <= res[name]["direct-attr"]["AUC"] <= 1 and "direct-attr|new-user" in res[name]
         assert "HR@1" in res[name]["direct-attr-choice"]
-    tt = res["two-tower"]  # a per-user ID model: no answer for a new user, shown n/a, not 0
+    tt = res["per-user-id"]  # a per-user ID model: no answer for a new user, shown n/a, not 0
     assert tt["sequential/seen|new-user"]["n"] == n_new and "n/a" in tt["sequential/seen|new-user"]
     assert "NDCG@10" not in tt["sequential/seen|new-user"] and tt["sequential/seen"]["n"] == len(seen) - n_new
     assert tt["sequential/seen"]["unanswered"] == n_new and "n/a" in tt["direct-attr|new-user"]
