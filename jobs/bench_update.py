@@ -141,6 +141,18 @@ class Stages:
         return sum(self.done[n]["seconds"] for n in names)
 
 
+def _evaluate(ecfg) -> dict:
+    """NDCG@10 / HR@10 of sequential full ranking (evaluate's own tables go to its metrics file, not stdout)."""
+    import contextlib
+    import io
+
+    from recflm.evaluate import run as run_evaluate
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = run_evaluate(ecfg, log=lambda *a: None)["results"]
+    return _metrics(res)
+
+
 def _brief(stats: dict) -> dict:
     return {k: stats.get(k) for k in ("input_rows", "kept_interactions", "users", "items")}
 
@@ -180,7 +192,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     args = parse_args(argv)
     from recflm.config import ConfigError, PrepareConfig, SourceConfig, load_config, to_dict
-    from recflm.evaluate import EvalConfig, run as run_evaluate
+    from recflm.evaluate import EvalConfig
     from recflm.prepare import PrepareError, run as run_prepare
     from recflm.prepare_update import update
     from recflm.readers import BUNDLED, SourceError
@@ -245,8 +257,7 @@ def main(argv=None) -> int:
                 mpath = Path(cfg.out) / f"metrics_test_{view}.json"
                 ecfg = EvalConfig(bundle=cfg.out, data=str(data), split="test", max_users=0, cold_ks=[],
                                   families=["sequential"], out=str(mpath))
-                results[(arm, view)] = st.run(f"evaluate_{arm}_{view}", mpath,
-                                              lambda e=ecfg: _metrics(run_evaluate(e, log=quiet)["results"]),
+                results[(arm, view)] = st.run(f"evaluate_{arm}_{view}", mpath, lambda e=ecfg: _evaluate(e),
                                               finished=mpath.exists)
     except (ConfigError, SourceError, PrepareError, FileNotFoundError) as e:
         print(f"bench_update: error: {e}")
