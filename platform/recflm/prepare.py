@@ -232,6 +232,31 @@ def rejects_view(t: pa.Table, files: list) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------- main
+def kcore_and_split(deduped, k: int, cfg: PrepareConfig):
+    """Iterative k-core on the de-duplicated rows (item hashes removed by degree until none is weak), then the
+    split (``finalize_block``: leave-one-out, short users held out whole) and the new-user holdout, as ``cfg``
+    says. Returns (the materialized rows, the removed item hashes sorted, the passes)."""
+    removed = np.array([], dtype=np.uint64)  # item hashes, sorted
+    passes = 0
+    if k > 1:
+        while True:
+            passes += 1
+            counts = deduped.map_batches(kcore_item_counts, fn_kwargs={"removed": removed, "k": k},
+                                         batch_format="pyarrow", batch_size=None).to_pandas()
+            totals = counts.groupby("item_hash")["n"].sum()
+            weak = totals.index[totals < k].to_numpy(dtype=np.uint64)
+            if len(weak) == 0:
+                break
+            removed = np.sort(np.concatenate([removed, weak]))
+    final = deduped.map_batches(finalize_block, fn_kwargs={"removed": removed, "k": k,
+                                                           "holdout": cfg.holdout_short_users, "seed": cfg.seed},
+                                batch_format="pyarrow", batch_size=None)
+    if cfg.holdout_users > 0:
+        final = final.map_batches(holdout_block, fn_kwargs={"seed": cfg.seed, "share": cfg.holdout_users},
+                                  batch_format="pyarrow", batch_size=None)
+    return final.materialize(), removed, passes
+
+
 def run(cfg: PrepareConfig, log=print) -> dict:
     """Run the whole stage; returns the stats dict that is also written to stats.json."""
     from ray.data import DataContext
@@ -264,26 +289,8 @@ def run(cfg: PrepareConfig, log=print) -> dict:
                .materialize())
 
     log("prepare: read, cleaned, de-duplicated")
-    removed = np.array([], dtype=np.uint64)  # item hashes, sorted
-    passes = 0
-    if k > 1:
-        while True:
-            passes += 1
-            counts = deduped.map_batches(kcore_item_counts, fn_kwargs={"removed": removed, "k": k},
-                                         batch_format="pyarrow", batch_size=None).to_pandas()
-            totals = counts.groupby("item_hash")["n"].sum()
-            weak = totals.index[totals < k].to_numpy(dtype=np.uint64)
-            if len(weak) == 0:
-                break
-            removed = np.sort(np.concatenate([removed, weak]))
+    final, removed, passes = kcore_and_split(deduped, k, cfg)
     log(f"prepare: k-core (k={k}) converged after {passes} pass(es), {len(removed)} items removed by degree")
-    final = deduped.map_batches(finalize_block, fn_kwargs={"removed": removed, "k": k,
-                                                           "holdout": cfg.holdout_short_users, "seed": cfg.seed},
-                                batch_format="pyarrow", batch_size=None)
-    if cfg.holdout_users > 0:
-        final = final.map_batches(holdout_block, fn_kwargs={"seed": cfg.seed, "share": cfg.holdout_users},
-                                  batch_format="pyarrow", batch_size=None)
-    final = final.materialize()
 
     log("prepare: finalized")
     # catalog: first appearances -> IDs, plus metadata

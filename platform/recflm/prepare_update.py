@@ -43,12 +43,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .clean import RowCleaner, account_block, dedup_block, finalize_block, kcore_item_counts, key_hash
-from .config import PrepareConfig, SourceConfig, from_dict, parse_sources, to_dict
+from .clean import RowCleaner, account_block, dedup_block, key_hash
+from .config import PrepareConfig, SourceConfig, from_dict, parse_sources
 from .dataset import INTERACTIONS, ITEMS, MANIFEST, REJECTS, SEQUENCES, STATS, USERS, DatasetError, PreparedData
 from .indexing import assign_ids
-from .prepare import (PrepareError, _num_partitions, _stats, fingerprint, holdout_block, interactions_view,
-                      item_stats_block, rejects_view, sequences_block, source_names, users_block)
+from .prepare import (PrepareError, _num_partitions, _stats, fingerprint, interactions_view, item_stats_block,
+                      kcore_and_split, rejects_view, sequences_block, source_names, users_block)
 from .readers import DEFAULT_SCALES, SourcePlan, bundled_source, plan_source, read_item_meta, read_source
 
 DATASET_FILE = "(dataset)"  # the "file" of rows that were in the dataset before the update
@@ -272,26 +272,9 @@ def _build(out: Path, tmp: Path, data: PreparedData, cfg: PrepareConfig, plans: 
     nparts = _num_partitions(cfg, plans) + max(1, len(kept_hashes) // 500_000)
     deduped = (new.union(old).repartition(nparts, keys=["user"])
                .map_batches(dedup_block, batch_format="pandas", batch_size=None).materialize())
-    removed = np.array([], dtype=np.uint64)
-    passes = 0
-    if k > 1:
-        while True:
-            passes += 1
-            counts = deduped.map_batches(kcore_item_counts, fn_kwargs={"removed": removed, "k": k},
-                                         batch_format="pyarrow", batch_size=None).to_pandas()
-            weak = counts.groupby("item_hash")["n"].sum()
-            weak = weak.index[weak < k].to_numpy(dtype=np.uint64)
-            if len(weak) == 0:
-                break
-            removed = np.sort(np.concatenate([removed, weak]))
-    # the dataset's own split settings: short users held out whole, and new-user holdout, as its prepare did
-    final = deduped.map_batches(finalize_block, fn_kwargs={"removed": removed, "k": k,
-                                                           "holdout": cfg.holdout_short_users, "seed": cfg.seed},
-                                batch_format="pyarrow", batch_size=None)
-    if cfg.holdout_users > 0:
-        final = final.map_batches(holdout_block, fn_kwargs={"seed": cfg.seed, "share": cfg.holdout_users},
-                                  batch_format="pyarrow", batch_size=None)
-    final = final.materialize()
+    # k-core on the union, and the dataset's own split settings (short users held out whole, new-user
+    # holdout), as its prepare did
+    final, removed, passes = kcore_and_split(deduped, k, cfg)
     log(f"update: union de-duplicated, k-core (k={k}) after {passes} pass(es), split again")
 
     per_block = final.map_batches(item_stats_block, batch_format="pyarrow", fn_kwargs={"seed": cfg.seed},
