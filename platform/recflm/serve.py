@@ -124,7 +124,10 @@ class ServeConfig:
     auth_token_file: str = ""
 
 
-REVIEW_BODY_SLACK = 1024  # bytes of a POST /v1/review body beside its text (the other fields, JSON, escapes)
+REVIEW_BODY_SLACK = 1024  # bytes of a POST /v1/review body beside its text (the other fields, JSON)
+# the bytes one character of the text may take in the JSON body: a character outside the BMP, written as an
+# escaped surrogate pair ("\\ud83d\\ude00", what json.dumps sends by default), is 12
+REVIEW_BYTES_PER_CHAR = 12
 
 
 def check_config(cfg: ServeConfig) -> None:
@@ -151,10 +154,12 @@ def check_config(cfg: ServeConfig) -> None:
                 "max_batch_size", "max_candidates"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
-    if cfg.max_review_chars + REVIEW_BODY_SLACK > cfg.max_body_bytes:  # the schema would promise what 413 refuses
+    need = cfg.max_review_chars * REVIEW_BYTES_PER_CHAR + REVIEW_BODY_SLACK
+    if need > cfg.max_body_bytes:  # the schema would promise what 413 refuses
         raise ConfigError(f"max_review_chars={cfg.max_review_chars} does not fit in max_body_bytes="
-                          f"{cfg.max_body_bytes}: a review that long needs max_body_bytes >= "
-                          f"{cfg.max_review_chars + REVIEW_BODY_SLACK} (or lower max_review_chars)")
+                          f"{cfg.max_body_bytes}: a review that long, its characters JSON-escaped (up to "
+                          f"{REVIEW_BYTES_PER_CHAR} bytes each), needs max_body_bytes >= {need} "
+                          f"(or lower max_review_chars)")
 
 
 def load_serve_config(path: str | None, overrides: list[str] | None = None) -> ServeConfig:

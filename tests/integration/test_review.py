@@ -81,7 +81,7 @@ def deploy(ray_session):
     from ray import serve
 
     base = dict(name=APP, host="127.0.0.1", port=free_port(), num_cpus=0.25, api_cpus=0.1, threads=1, beams=5,
-                default_k=3, max_history=30, max_body_bytes=4096, max_review_chars=1000, max_batch_size=4,
+                default_k=3, max_history=30, max_body_bytes=16384, max_review_chars=1000, max_batch_size=4,
                 max_ongoing_requests=8, target_ongoing_requests=2, min_replicas=1, max_replicas=1, layout="fused",
                 explain_tokens=6, explain_beams=1, auth_token_env="", auth_token_file="")
 

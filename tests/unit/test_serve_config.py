@@ -67,6 +67,10 @@ def test_the_config_is_typed_and_never_changed_in_place(tmp_path):
         check_config(dataclasses.replace(cfg, threads=0))
     with pytest.raises(ConfigError, match="max_review_chars=9000 does not fit in max_body_bytes=8192"):
         check_config(dataclasses.replace(cfg, max_review_chars=9000, max_body_bytes=8192))
+    # 1000 characters, each JSON-escaped as a surrogate pair (12 bytes), and the other fields do not fit in 8 KiB
+    with pytest.raises(ConfigError, match="needs max_body_bytes >= 13024"):
+        check_config(dataclasses.replace(cfg, max_review_chars=1000, max_body_bytes=8192))
+    check_config(dataclasses.replace(cfg, max_review_chars=500, max_body_bytes=8192))
     with pytest.raises(ConfigError, match="max_candidates must be at least 1"):
         check_config(dataclasses.replace(cfg, max_candidates=0))
 
