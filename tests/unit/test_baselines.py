@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from recflm.baselines import SASRec, Popularity, TwoTower, full_ranks
+from recflm.baselines import SASRec, Popularity, full_ranks
 
 torch.set_num_threads(1)
 N_ITEMS = 40
