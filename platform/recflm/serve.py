@@ -126,7 +126,7 @@ class ServeConfig:
 
 REVIEW_BODY_SLACK = 1024  # bytes of a POST /v1/review body beside its text (the other fields, JSON)
 # the bytes one character of the text may take in the JSON body: a character outside the BMP, written as an
-# escaped surrogate pair ("\\ud83d\\ude00", what json.dumps sends by default), is 12
+# escaped surrogate pair ("\ud83d\ude00", what json.dumps sends by default), is 12
 REVIEW_BYTES_PER_CHAR = 12
 
 
