@@ -4,9 +4,10 @@ from scratch, at the same fine-tune budget, with a share of the labelled users.
 On the data you name (the bundled MovieLens data, or any interaction table, as ``jobs.bench_quality``):
 
 1. ``recflm prepare`` (leave-one-out split) once;
-2. a self-supervised pretrain (``objective: self-supervised``: masked-item spans of every user's *training*
-   sequence, every window of them, no labelled family, best epoch by the span loss of the valid items) for
-   ``--pretrain-steps`` optimizer steps;
+2. a self-supervised pretrain (``objective: self-supervised``, of the families ``--objective-families``: ``span``,
+   masked-item spans of every window of each user's *training* sequence (default), and / or ``next``, the dense
+   causal next-item targets over every window of it, the fine-tune recipe's decoder-side objective without its
+   labelled family; best epoch by the loss of the valid items) for ``--pretrain-steps`` optimizer steps;
 3. for each share p of ``--shares`` (default 0.1, 0.3, 1): the quality recipe (``--recipe``, default
    ``jobs/configs/pretrain_quality.yaml``) trained on a seeded share p of the users (``users_share``; its
    validation users from that share too), once from scratch and once fine-tuned from the step-2 bundle,
@@ -16,9 +17,11 @@ On the data you name (the bundled MovieLens data, or any interaction table, as `
 
 The test items are never trained on, in either stage (the pretrain reads training sequences only). It prints
 one table (a row per share: NDCG@10 and HR@10 from scratch and pretrained, the change, the epochs each
-trained) and the last line ``SUMMARY bench_transfer ndcg10 p=0.1:scratch/pretrained ... minutes=M``.
+trained; its title names the self-supervised families the source bundle was pretrained on) and the last line
+``SUMMARY bench_transfer ndcg10 p=0.1:scratch/pretrained ... objective=span+next minutes=M``.
 
     python -m jobs.bench_transfer --bundled
+    python -m jobs.bench_transfer --bundled --objective-families span,next --out runs/transfer_next
     python -m jobs.bench_transfer --table ../shared/data/amazon-toys-s3rec/Toys_and_Games_interactions.csv.gz \\
         --columns user=user,item=item,ts=ts --out runs/transfer_toys --pretrain-steps 3000 --finetune-steps 1500
 
@@ -53,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the self-supervised pretrain's optimizer steps (default 1500)")
     ap.add_argument("--finetune-steps", type=int, default=600, metavar="N",
                     help="each fine-tune's and each scratch run's optimizer steps: the same budget (default 600)")
+    ap.add_argument("--objective-families", metavar="F,F", default=None,
+                    help="the self-supervised families the pretrain trains: span (masked-item spans, the default), "
+                         "next (dense causal next-item targets; needs the recipe's item_token_mode=token) or span,next. "
+                         "With --source-bundle the bundle's own are used (given here, they must be the same)")
     ap.add_argument("--source-bundle", metavar="DIR",
                     help="cross-domain: fine-tune from this self-supervised bundle (pretrained on another source, e.g. "
                          "runs/transfer_ml/ss_bundle) instead of pretraining on the data: its catalog is replaced "
@@ -82,7 +89,38 @@ def parse_args(argv=None):
         ap.error(f"--shares {args.shares!r}: expected numbers in (0, 1], e.g. 0.1,0.3,1")
     if args.pretrain_steps <= 0 or args.finetune_steps <= 0:
         ap.error("--pretrain-steps and --finetune-steps must be > 0 (a fair comparison needs one budget)")
+    from recflm.augment import SELF_SUPERVISED
+    from recflm.train import SELF_SUPERVISED_FAMILIES
+
+    given = args.objective_families
+    args.family_list = list(dict.fromkeys(f.strip() for f in (given or "").split(",") if f.strip())) if given \
+        else list(SELF_SUPERVISED_FAMILIES)
+    bad = [f for f in args.family_list if f not in SELF_SUPERVISED]
+    if bad or not args.family_list:
+        ap.error(f"--objective-families {given!r}: {bad[0] + ' is not a self-supervised family' if bad else 'empty'} "
+                 f"(expected some of {', '.join(SELF_SUPERVISED)}, e.g. span,next)")
     return args
+
+
+def source_objective(args) -> list[str]:
+    """The self-supervised families the pretrained arm's source bundle was trained on: ``--objective-families``,
+    or (``--source-bundle``) the bundle manifest's, which ``--objective-families``, where given, must match."""
+    from recflm.config import ConfigError
+
+    if not args.source_bundle:
+        return list(args.family_list)
+    try:
+        m = json.loads((Path(args.source_bundle) / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--source-bundle {args.source_bundle}: no readable manifest.json ({e})") from None
+    if m.get("objective") != "self-supervised":
+        raise ConfigError(f"--source-bundle {args.source_bundle}: a bundle of objective {m.get('objective')!r}, "
+                          f"not a self-supervised one")
+    fams = list(m.get("families") or [])
+    if args.objective_families and fams != args.family_list:
+        raise ConfigError(f"--objective-families {args.objective_families}: the source bundle was pretrained on "
+                          f"{','.join(fams)}")
+    return fams
 
 
 def same_data(a: str, b: str) -> bool:
@@ -137,8 +175,8 @@ def configs(args, stamp: int):
     args.budget_minutes = 0  # each run here has its own limit
     pcfg, tcfg, _ = quality_configs(args, stamp)
     out = Path(args.out)
-    ss = dataclasses.replace(tcfg, objective="self-supervised", max_steps=args.pretrain_steps,
-                             max_minutes=args.max_minutes,
+    ss = dataclasses.replace(tcfg, objective="self-supervised", families=list(args.family_list),
+                             max_steps=args.pretrain_steps, max_minutes=args.max_minutes,
                              name=f"ss_{stamp}", out=str(out / "ss_bundle"))
 
     source = args.source_bundle or ss.out
@@ -169,11 +207,13 @@ def _metric(res: dict, name: str):
     return res.get("recflm", {}).get("sequential/seen", {}).get(name)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], objective: list[str] | None = None) -> str:
+    """The table; ``objective``: the self-supervised families of the pretrained arm's source bundle."""
     head = (f"{'users':>6} {'share':>6} {'scratch NDCG@10':>16} {'HR@10':>7} {'pretrained NDCG@10':>19} "
             f"{'HR@10':>7} {'change':>8} {'epochs s/p':>11}")
     lines = ["sequential full ranking on the test split of every user (seen items excluded); the same "
-             "fine-tune budget", head, "-" * len(head)]
+             "fine-tune budget" + (f"; pretrained: from a self-supervised bundle of objective {'+'.join(objective)}"
+                                   if objective else ""), head, "-" * len(head)]
     for r in rows:
         s, p = r["scratch"], r["pretrained"]
         change = f"{(p['ndcg10'] / s['ndcg10'] - 1) * 100:+.0f}%" if s["ndcg10"] else "—"
@@ -182,9 +222,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summary_line(rows: list[dict], minutes: float) -> str:
+def summary_line(rows: list[dict], minutes: float, objective: list[str] | None = None) -> str:
     parts = " ".join(f"p={r['share']:g}:{r['scratch']['ndcg10']:.4f}/{r['pretrained']['ndcg10']:.4f}" for r in rows)
-    return f"SUMMARY bench_transfer ndcg10 scratch/pretrained {parts} minutes={minutes:.1f}"
+    obj = f" objective={'+'.join(objective)}" if objective else ""
+    return f"SUMMARY bench_transfer ndcg10 scratch/pretrained {parts}{obj} minutes={minutes:.1f}"
 
 
 def main(argv=None) -> int:
@@ -199,10 +240,11 @@ def main(argv=None) -> int:
     t_all, stamp = time.perf_counter(), int(time.time())
     try:
         pcfg, ss, run = configs(args, stamp)
+        objective = source_objective(args)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         stats = run_prepare(pcfg)
         print(f"bench_transfer: {stats.get('users')} users, {stats.get('items')} items; self-supervised pretrain "
-              f"{args.pretrain_steps} steps, then {args.finetune_steps} steps per run")
+              f"({'+'.join(objective)}) {args.pretrain_steps} steps, then {args.finetune_steps} steps per run")
         t = time.perf_counter()
         if args.source_bundle:
             print(f"bench_transfer: fine-tuning from the self-supervised bundle {args.source_bundle}")
@@ -238,10 +280,11 @@ def main(argv=None) -> int:
         print(f"bench_transfer: error: {e}")
         return 2
     minutes = (time.perf_counter() - t_all) / 60
-    print(format_table(rows))
-    line = summary_line(rows, minutes)
+    print(format_table(rows, objective))
+    line = summary_line(rows, minutes, objective)
     Path(args.out, "bench_transfer.json").write_text(json.dumps(
-        {"source": args.table or "bundled", "source_bundle": args.source_bundle, "rows": rows, "pretrain_steps": args.pretrain_steps,
+        {"source": args.table or "bundled", "source_bundle": args.source_bundle, "objective_families": objective,
+         "rows": rows, "pretrain_steps": args.pretrain_steps,
          "ss_train_minutes": round(ss_minutes, 2), "finetune_steps": args.finetune_steps,
          "self_supervised_config": to_dict(ss), "minutes": round(minutes, 2), "summary": line},
         indent=2, default=float))

@@ -23,8 +23,14 @@ inference renders it); ``both`` emits the two. The rating family has two styles 
 (the target is a window of the user's (item, rating) pairs, one token each, every rating a target; see
 ``prompts.rating_input``); dense rating examples come from the user sequences, not the interaction rows.
 
-The ``span`` family (asked for by name) is the self-supervised objective on raw sequences: a
-contiguous span of 1-3 training items is replaced by ``<mask>`` and is the target.
+The ``span`` and ``next`` families (asked for by name) are the self-supervised objectives on raw sequences
+(``SELF_SUPERVISED``): in ``span`` a contiguous span of 1-3 training items is replaced by ``<mask>`` and is the
+target (encoder-side: the items are in the source); in ``next`` (causal next-item, the dense rows' shape) the
+source is one fixed sentence naming no user and the target is a window of ``dense_max_len`` training items, one
+token per item, every position a next-item target of the decoder, every window of the training sequence one
+example (on the valid and test splits: the window ending at the split's item, whose position is what validation
+scores). ``next`` is the dense sequential style's objective under a family of its own, so that a label-free
+pretrain of the decoder is not the labelled ``sequential`` family.
 
 Cold start: ``direct`` examples also carry the item described by its attributes (``item_attr``; for a 1-of-N
 choice, ``prompts.ATTR_CANDIDATES`` candidates so described) where the catalog has attributes (MovieLens titles
@@ -63,6 +69,10 @@ MASK = "<mask>"
 # the self-supervised objective on raw sequences: a masked span of items is the target
 SPAN = "span"
 SPAN_SOURCE = "Fill in the masked items in the sequence of user_{user}: {history}"
+# the self-supervised objective of the dense style: the decoder predicts every next item of a window of the sequence
+NEXT = "next"
+NEXT_SOURCE = "Continue this sequence of items, one item after another."
+SELF_SUPERVISED = (SPAN, NEXT)  # label-free families: raw training sequences only, no prompt template
 
 
 def dense_rating(prompts: PromptConfig) -> bool:
@@ -273,6 +283,11 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
                     rows.append({"family": SPAN, "template": SPAN, "target": ", ".join(hist[s0:s0 + width]),
                                  "source": SPAN_SOURCE.format(user=user, history=", ".join(masked)),
                                  **meta, "item": None})
+            if NEXT in families:  # every window of dense_max_len training items (the latest first), as dense rows
+                L = prompts.dense_max_len
+                for end in range(n_train, 1, -L):
+                    rows.append({"family": NEXT, "template": NEXT, "source": NEXT_SOURCE,
+                                 "target": " ".join(seq[max(0, end - L):end]), **meta, "item": items[end - 1]})
             if "direct" in families:
                 for d in range(prompts.direct_per_user):
                     t = int(rng.integers(1, n_train))
@@ -318,6 +333,10 @@ def sequence_examples(batch: pd.DataFrame, data_dir: str, templates_dir: str, sp
             masked = hist + [MASK]
             rows.append({"family": SPAN, "template": SPAN, "target": seq[t],
                          "source": SPAN_SOURCE.format(user=user, history=", ".join(masked)), **meta, "item": items[t]})
+        if NEXT in families:  # the window ending at the split's item: its last position is the held-out next item
+            L = prompts.dense_max_len
+            rows.append({"family": NEXT, "template": NEXT, "source": NEXT_SOURCE,
+                         "target": " ".join(seq[max(0, t + 1 - L):t + 1]), **meta, "item": items[t]})
         if rated and is_rated(ratings[t]):  # the split's rating, after the rated items before it
             win = rated_positions(ratings, t + 1)[-W:]
             ex = {"user": user, RATED_FIELD: rated_sequence([seq[k] for k in win], [ratings[k] for k in win], lo, hi)}
@@ -421,10 +440,10 @@ def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, spli
     data = PreparedData.open(data_dir)
     cfg = cfg or PrepareConfig(**{})
     wanted = list(families or cfg.prompts.families)
-    unknown = [f for f in wanted if f not in FAMILIES and f != SPAN]
+    unknown = [f for f in wanted if f not in FAMILIES and f not in SELF_SUPERVISED]
     if unknown:
-        raise ValueError(f"unknown task family {unknown[0]!r} (known: {', '.join(FAMILIES)})")
-    fams = [f for f in wanted if f in data.families or f == SPAN]
+        raise ValueError(f"unknown task family {unknown[0]!r} (known: {', '.join(FAMILIES + SELF_SUPERVISED)})")
+    fams = [f for f in wanted if f in data.families or f in SELF_SUPERVISED]
     for f in wanted:
         if f not in fams:
             log(f"examples: skipping the {f} family: the dataset has no input for it")
@@ -447,7 +466,7 @@ def example_dataset(data_dir: str | Path, cfg: PrepareConfig | None = None, spli
     # each, down-sampled by the balanced mix) hold tens of examples, far fewer than the training loop's
     # local shuffle buffer, so batches mix the families from the first steps on
     rated = "rating" in fams and dense_rating(cfg.prompts)
-    if {"sequential", "direct", SPAN} & set(fams) or rated:
+    if {"sequential", "direct", *SELF_SUPERVISED} & set(fams) or rated:
         parts.append(read(SEQUENCES, 16)
                      .map_batches(sequence_examples, fn_kwargs=kw, batch_format="pandas", batch_size=None))
     if {"explanation", "review"} & set(fams) or ("rating" in fams and not rated):

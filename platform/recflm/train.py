@@ -93,7 +93,8 @@ class TrainConfig:
     seed: int = 2022
     init_bundle: str = ""  # finetune: the bundle to start from
     # supervised: the task families' prompts; self-supervised: the label-free objectives over the raw training
-    # sequences only (SELF_SUPERVISED_FAMILIES, validated by their loss on the valid split), for a later finetune
+    # sequences only (families: span and / or next; the default SELF_SUPERVISED_FAMILIES where families names
+    # none of them, see self_supervised_families), validated by their loss on the valid split, for a later finetune
     objective: str = "supervised"
     users_share: float = 1.0  # train (and validate) on this seeded share of the users only (evaluation: all)
     # finetune on a dataset whose catalog is not the bundle's: keep (refused), extend (the bundle's items keep
@@ -107,10 +108,35 @@ def _family_counts(batch):
     return batch["family"].value_counts().rename_axis("family").reset_index(name="count")
 
 
-PER_USER_FAMILIES = ("sequential", "direct", "span")
+PER_USER_FAMILIES = ("sequential", "direct", "span", "next")
 OBJECTIVES = ("supervised", "self-supervised")
-SELF_SUPERVISED_FAMILIES = ["span"]  # masked-item spans of the training sequences: no label, no prompt family
+# the self-supervised objective's default: masked-item spans of the training sequences (no label, no prompt family).
+# ``next`` (augment.NEXT: causal next-item in the dense style) is asked for by name, families=[next] or
+# [span,next]: it needs one token per item (item_token_mode=token), span works with sub-word IDs too
+SELF_SUPERVISED_FAMILIES = ["span"]
 BEST_WEIGHTS = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far
+
+
+def self_supervised_families(families: list, log=print) -> list:
+    """The families of an ``objective=self-supervised`` run. A list naming no self-supervised family (a labelled
+    recipe's, e.g. pretrain_quality.yaml's [sequential, rating]) or the default list of TrainConfig (the labelled
+    families plus span) is not this objective's: the default ``SELF_SUPERVISED_FAMILIES``. Any other list is
+    honoured and may name self-supervised families only (``ConfigError`` naming the first other one)."""
+    from .augment import SELF_SUPERVISED
+    from .prompts import FAMILIES
+
+    unknown = [f for f in families if f not in FAMILIES and f not in SELF_SUPERVISED]
+    if unknown:
+        raise ConfigError(f"unknown task family {unknown[0]!r} (known: {', '.join(FAMILIES + SELF_SUPERVISED)})")
+    if set(families) == set(TrainConfig().families) or not set(families) & set(SELF_SUPERVISED):
+        if list(families) != SELF_SUPERVISED_FAMILIES:
+            log(f"pretrain: objective self-supervised: families {SELF_SUPERVISED_FAMILIES} (not {list(families)})")
+        return list(SELF_SUPERVISED_FAMILIES)
+    labelled = [f for f in families if f not in SELF_SUPERVISED]
+    if labelled:
+        raise ConfigError(f"objective=self-supervised: {labelled[0]!r} is a labelled task family; families= may name "
+                          f"the self-supervised ones only ({', '.join(SELF_SUPERVISED)}), e.g. families=[span,next]")
+    return list(dict.fromkeys(families))
 
 
 def mixing_weights(counts: dict, cfg: "TrainConfig") -> dict:
@@ -436,7 +462,7 @@ def train_loop(config: dict) -> None:
             window["samples"] += len(batch)
             window["tokens"] += int(enc["attention_mask"].sum()) + int((labels != -100).sum())
             # next-item predictions that receive a loss: every position of a dense row, one per prompt
-            sequential = (batch["family"] == "sequential").to_numpy()
+            sequential = batch["family"].isin(("sequential", "next")).to_numpy()
             window["targets"] += int((labels[torch.as_tensor(dense & sequential)] != -100).sum()) + int(
                 (sequential & ~dense).sum())
             micro += 1
@@ -648,7 +674,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     """Tokenizer (trained for pretrain, the bundle's for finetune), the lazy example streams and the
     per-worker config. Needs a connected Ray; runs in ``run`` and in each Tune trial's driver.
     ``counts``: examples per family, when the caller knows them (a sweep counts once for all trials)."""
-    from .augment import example_dataset, make_epoch_clock
+    from .augment import NEXT, NEXT_SOURCE, SELF_SUPERVISED, SPAN_SOURCE, example_dataset, make_epoch_clock
     from .bundle import load_bundle
     from .dataset import PreparedData
     from .prompts import template_words
@@ -674,10 +700,8 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         raise ConfigError(f"objective={cfg.objective!r}: expected one of {', '.join(OBJECTIVES)}")
     if not 0 < cfg.users_share <= 1:
         raise ConfigError(f"users_share={cfg.users_share}: expected a share of the users in (0, 1]")
-    if cfg.objective == "self-supervised" and cfg.families != SELF_SUPERVISED_FAMILIES:
-        log(f"pretrain: objective self-supervised: families {SELF_SUPERVISED_FAMILIES} (not {cfg.families})")
-        cfg.families = list(SELF_SUPERVISED_FAMILIES)
     if cfg.objective == "self-supervised":  # every window of the training sequences is masked, not the latest only
+        cfg.families = self_supervised_families(cfg.families, log)
         cfg.prompts = {**cfg.prompts, "span_windows": True}
     _check_resumable(run_dir / "config.json", cfg)
     pcfg = prepare_config(cfg, data)
@@ -686,6 +710,10 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         raise ConfigError(f"prompts.sequential_style={style!r}: expected one of {', '.join(SEQUENTIAL_STYLES)}")
     if style != "prompt" and cfg.item_token_mode != "token" and not cfg.init_bundle:
         raise ConfigError(f"prompts.sequential_style={style!r} needs one token per item: set item_token_mode=token")
+    nxt = NEXT in cfg.families  # the dense causal next-item objective: one token per item too
+    if nxt and cfg.item_token_mode != "token" and not cfg.init_bundle:
+        raise ConfigError(f"the {NEXT!r} family (dense next-item targets) needs one token per item: "
+                          "set item_token_mode=token")
     try:
         rated = "rating" in cfg.families and dense_rating(pcfg.prompts)
     except ValueError as e:
@@ -711,8 +739,8 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
                                 log=lambda *a: None).limit(30_000).to_pandas()
         # every family's template words too, whatever this run trains: a later fine-tune's prompts are made of
         # learnt pieces (and the byte fallback reads any other text without <unk>)
-        corpus = list(texts["source"]) + list(texts["target"]) + data.id_texts + 2 * template_words(
-            pcfg.prompts.templates_dir or None)
+        corpus = list(texts["source"]) + list(texts["target"]) + data.id_texts + 2 * (template_words(
+            pcfg.prompts.templates_dir or None) + [SPAN_SOURCE.format(user="", history=""), NEXT_SOURCE])
         items = data.id_texts if cfg.item_token_mode == "token" else None
         # one token per rating value of the scale, beside the item tokens (a self-supervised pretrain too, where
         # the data has ratings: a later fine-tune of the dense rating style reads them)
@@ -723,10 +751,11 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     if store:  # where a resume (on any machine) finds it, beside the checkpoints
         store.write("tokenizer.json", tok_path.read_bytes())
 
-    if style != "prompt" or rated:
+    if style != "prompt" or rated or nxt:
         from .tokenizer import RecTokenizer
 
-        what = f"prompts.sequential_style={style!r}" if style != "prompt" else "prompts.rating_style='dense'"
+        what = (f"prompts.sequential_style={style!r}" if style != "prompt" else
+                "prompts.rating_style='dense'" if rated else f"the {NEXT!r} family")
         try:  # every catalog ID must be one token (not so for collaborative IDs or a sub-word bundle)
             RecTokenizer.load(tok_path).item_token_ids(data.id_texts)
             if rated:
@@ -752,9 +781,9 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    self_supervised = cfg.objective == "self-supervised"  # validated by the span loss of the valid items
-    val_ds = example_dataset(cfg.data, pcfg, split="valid",
-                             families=cfg.families if self_supervised else [f for f in cfg.families if f != "span"],
+    self_supervised = cfg.objective == "self-supervised"  # validated by its families' loss of the valid items
+    val_ds = example_dataset(cfg.data, pcfg, split="valid", families=cfg.families if self_supervised else
+                             [f for f in cfg.families if f not in SELF_SUPERVISED],
                              log=lambda *a: None, users_share=cfg.users_share).limit(cfg.val_examples).materialize()
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     if store:
@@ -764,7 +793,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
     from .prompts import is_dense, is_dense_rating, load_templates
 
     temps = load_templates(pcfg.prompts.templates_dir or None)
-    dense_ids = [t.id for t in temps["sequential"] if is_dense(t)]
+    dense_ids = [t.id for t in temps["sequential"] if is_dense(t)] + [NEXT]  # next rows: dense, by their template
     # the tokenizer travels as text: workers on other nodes cannot read the driver's files
     loop_cfg = {**to_dict(cfg), "tokenizer": tok_path.read_text(), "total_steps": total, "run_dir": str(run_dir),
                 "dense_templates": dense_ids, "dense_max_len": pcfg.prompts.dense_max_len,
@@ -893,8 +922,10 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--storage-path", help="checkpoint storage: a path or URI such as s3://bucket/runs")
     if name == "pretrain":
         p.add_argument("--objective", choices=list(OBJECTIVES),
-                       help="supervised: the task families' prompts (default); self-supervised: masked-item spans "
-                            "of the raw training sequences only, for a later finetune (config key: objective)")
+                       help="supervised: the task families' prompts (default); self-supervised: label-free "
+                            "objectives over the raw training sequences only, for a later finetune: masked-item "
+                            "spans (default), or families=[next] / [span,next] for dense causal next-item targets "
+                            "(item_token_mode=token) (config key: objective)")
     if name == "finetune":
         p.add_argument("--bundle", required=True, help="the bundle to start from")
         p.add_argument("--users-share", type=float,

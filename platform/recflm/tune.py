@@ -161,13 +161,14 @@ def parse_space(spec: dict, base: dict, search: str = "random") -> dict:
 
 def check_train_config(cfg) -> None:
     """What a trial would only find out after starting: family names and weights, augment / prompt keys."""
+    from .augment import SELF_SUPERVISED
     from .config import AugmentConfig, PromptConfig
     from .prompts import FAMILIES
     from .train import mixing_weights
 
-    bad = [f for f in cfg.families if f not in FAMILIES and f != "span"]
+    bad = [f for f in cfg.families if f not in FAMILIES and f not in SELF_SUPERVISED]
     if bad:
-        raise ConfigError(f"unknown task family {bad[0]!r} (known: {', '.join(FAMILIES)}, span)")
+        raise ConfigError(f"unknown task family {bad[0]!r} (known: {', '.join(FAMILIES + SELF_SUPERVISED)})")
     mixing_weights({}, cfg)
     from_dict(AugmentConfig, cfg.augment, prefix="augment.")
     from_dict(PromptConfig, cfg.prompts, prefix="prompts.")

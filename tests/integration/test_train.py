@@ -229,3 +229,56 @@ def test_self_supervised_pretrain_then_finetune_on_a_share_of_the_users(bundled_
     train = example_dataset(data, PrepareConfig(), split="train", families=["sequential"], log=lambda *a: None,
                             users_share=0.3).to_pandas()
     assert len(train) and labelled_users(train["user"].unique(), seed, 0.3).all()
+
+
+def test_next_objective_pretrain_then_dense_finetune(bundled_dataset, tmp_path):
+    """The label-free ``next`` family (dense causal next-item targets over every window of the training
+    sequences, a family of its own): trained and validated by its loss on the valid items, refused where it
+    cannot run, its tokenizer encoding every later prompt without <unk>, and a dense sequential fine-tune
+    starting from its decoder and item tokens."""
+    from recflm.augment import NEXT, NEXT_SOURCE, example_dataset
+    from recflm.config import ConfigError, PrepareConfig
+    from recflm.tokenizer import UNK
+    from recflm.train import _batch_tensors, setup
+
+    data, _, _ = bundled_dataset
+    ss = cfg(data, tmp_path, workers=0, max_steps=10, name="nx", objective="self-supervised", item_token_mode="token",
+             families=["next"], prompts={"dense_max_len": 20})
+    # refused: a labelled family among the objective's, and next without one token per item
+    with pytest.raises(ConfigError, match="'sequential' is a labelled task family"):
+        run(dataclasses.replace(ss, families=["next", "sequential"], name="bad1"), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="item_token_mode=token"):
+        run(dataclasses.replace(ss, item_token_mode="pieces", name="bad2"), log=lambda *a: None)
+    # the driver's streams: next rows only, read by the loop as dense rows (item tokens, no </s>)
+    s = setup(dataclasses.replace(ss), log=lambda *a: None)  # the run below resumes its tokenizer
+    val = s.datasets["val"].to_pandas()
+    assert len(val) and (val["family"] == NEXT).all() and (val["source"] == NEXT_SOURCE).all()
+    from recflm.tokenizer import RecTokenizer
+
+    tok = RecTokenizer.from_str(s.loop_cfg["tokenizer"])
+    _, labels, dense = _batch_tensors(tok, val.head(4), s.loop_cfg, "cpu")
+    assert dense.all() and labels[0][labels[0] != -100].tolist() == tok.item_token_ids(val["target"][0].split(" "))
+    out = run(ss, log=lambda *a: None)
+    b = load_bundle(out)
+    assert b.manifest["objective"] == "self-supervised" and b.manifest["families"] == ["next"]
+    h = history(ss)
+    assert {k for m in h for k in m if k.startswith("loss/")} == {"loss/next"}
+    steps = [m for m in h if "targets_per_s" in m]
+    assert steps and all(m["targets_per_s"] > 5 * m["samples_per_s"] for m in steps)  # every position a target
+    v = [m for m in h if "val_loss" in m]
+    assert v and 0 < v[-1]["val_loss"] < 20 and v[-1]["best_val_ndcg10"] == -v[-1]["val_loss"]  # by val loss
+    # the tokenizer: every family's prompts, seen and held out, encode without <unk>; every item is one token
+    ex = example_dataset(data, PrepareConfig(), split="valid", held_out=None, log=lambda *a: None).to_pandas()
+    assert set(ex["family"]) >= {"rating", "sequential", "direct", "explanation"}
+    unk = b.tokenizer.hf.token_to_id(UNK)
+    enc = b.tokenizer.encode_batch(list(ex["source"]) + list(ex["target"]), with_whole_word=False)
+    assert not (enc["input_ids"] == unk).any()
+    assert len(b.tokenizer.item_token_ids(list(b.catalog["id_text"]))) == len(b.catalog)
+    # the fine-tune on the labelled dense sequential family, from the bundle's weights and tokenizer
+    ft = cfg(data, tmp_path, workers=0, max_steps=10, name="ftn", out=str(tmp_path / "ftn"), init_bundle=str(out),
+             families=["sequential"], prompts={"sequential_style": "dense"}, val_users=10)
+    fb = load_bundle(run(ft, log=lambda *a: None))
+    assert fb.manifest["init_bundle"] == str(out) and fb.manifest["objective"] == "supervised"
+    assert fb.tokenizer.to_str() == b.tokenizer.to_str() and fb.manifest["inference"]["sequential"] == "dense"
+    assert {k for m in history(ft) for k in m if k.startswith("loss/")} == {"loss/sequential"}
+    assert 0 <= history(ft)[-1]["val_ndcg10"] <= 1

@@ -3,7 +3,7 @@ import pytest
 
 import json
 
-from jobs.bench_transfer import configs, format_table, parse_args, reused_scratch, summary_line
+from jobs.bench_transfer import configs, format_table, parse_args, reused_scratch, source_objective, summary_line
 
 
 def test_runs_share_one_budget_and_differ_only_in_their_start(tmp_path):
@@ -22,10 +22,36 @@ def test_runs_share_one_budget_and_differ_only_in_their_start(tmp_path):
     assert e1.max_users == 0 and e1.split == "test" and e1.bundle == scratch.out and e2.bundle == pre.out
     assert e1.families == ["sequential"] and e1.cold_ks == []  # what the table reports, nothing else
     assert pcfg.out == scratch.data == ss.data
+    assert ss.families == ["span"] and scratch.families == pre.families == ["sequential", "rating"]  # the recipe's
+    assert source_objective(args) == ["span"]
+
+
+def test_the_pretrain_objective_is_chosen_and_recorded(tmp_path):
+    args = parse_args(["--bundled", "--out", str(tmp_path), "--objective-families", "span, next,span"])
+    _, ss, run = configs(args, stamp=3)
+    assert ss.families == ["span", "next"] and ss.objective == "self-supervised" and ss.item_token_mode == "token"
+    assert run("pretrained", 1.0)[0].families == ["sequential", "rating"] and source_objective(args) == ["span", "next"]
+    # a source bundle: its manifest says what it was pretrained on, which --objective-families may not contradict
+    from recflm.config import ConfigError
+
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "manifest.json").write_text(json.dumps({"objective": "self-supervised", "families": ["next"]}))
+    assert source_objective(parse_args(["--bundled", "--source-bundle", str(b)])) == ["next"]
+    assert source_objective(parse_args(["--bundled", "--source-bundle", str(b), "--objective-families", "next"])) \
+        == ["next"]
+    with pytest.raises(ConfigError, match="pretrained on next"):
+        source_objective(parse_args(["--bundled", "--source-bundle", str(b), "--objective-families", "span"]))
+    (b / "manifest.json").write_text(json.dumps({"objective": "supervised", "families": ["sequential"]}))
+    with pytest.raises(ConfigError, match="not a self-supervised one"):
+        source_objective(parse_args(["--bundled", "--source-bundle", str(b)]))
 
 
 @pytest.mark.parametrize("argv, message", [(["--shares", "0,0.5"], "--shares"), (["--shares", "a"], "--shares"),
-                                           (["--finetune-steps", "0"], "must be > 0")])
+                                           (["--finetune-steps", "0"], "must be > 0"),
+                                           (["--objective-families", "span,sequential"],
+                                            "sequential is not a self-supervised family"),
+                                           (["--objective-families", ","], "empty")])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--bundled", *argv])
@@ -38,6 +64,8 @@ def test_table_and_summary():
     table = format_table(rows)
     assert "+50%" in table and "5/4" in table
     assert summary_line(rows, 12.34) == "SUMMARY bench_transfer ndcg10 scratch/pretrained p=0.1:0.0200/0.0300 minutes=12.3"
+    assert "objective span+next" in format_table(rows, ["span", "next"]).splitlines()[0]
+    assert summary_line(rows, 1, ["next"]).endswith("p=0.1:0.0200/0.0300 objective=next minutes=1.0")
 
 
 def test_cross_domain_fine_tunes_another_sources_bundle_with_the_catalog_replaced(tmp_path):
