@@ -14,6 +14,7 @@ for k, v in {
     "RAY_AUTH_MODE": "disabled",
     "RAY_metrics_report_interval_ms": "1000",
     "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY": "hash_shuffle",
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "4",  # as recflm.runtime.ensure_ray (Ray's 32 per read hung a read)
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",

@@ -5,6 +5,9 @@ import os
 import socket
 
 
+FOOTER_ACTORS = 4  # Ray Data Parquet footer readers per read (Ray's default: 32), see ensure_ray
+
+
 def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     """Use the running Ray if there is one (RAY_ADDRESS, a job, or `ray start` here), else start a local one."""
     import logging
@@ -17,6 +20,10 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    # Ray Data's Parquet reader starts a pool of 32 footer-reading actors (one worker process each) per
+    # read_parquet: on a small machine, dozens of reads per run spawn hundreds of processes and a read
+    # could wait forever for its pool; a few are plenty for a prepared dataset's handful of files
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(FOOTER_ACTORS))
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY", "hash_shuffle")

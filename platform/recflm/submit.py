@@ -38,6 +38,7 @@ EXCLUDES = [".venv/", "venv/", "runs/", "data/", "out/", "build/", ".git/", "**/
 JOB_ENV = {
     "PYTHONPATH": "platform",  # relative to the working_dir; the uploaded recflm comes before an installed one
     "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY": "hash_shuffle",
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "4",  # as runtime.ensure_ray
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
