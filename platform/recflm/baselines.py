@@ -135,6 +135,28 @@ class _EarlyStopping:
         m.train_seconds = self.seconds()
         m.eval()
 
+    def run(self, opt, epochs: int, n: int, batch: int, g, loss_of) -> None:
+        """The epoch loop of a baseline's ``fit``: each epoch, the ``n`` training examples in a fresh order drawn
+        from the generator ``g``, ``batch`` at a time; ``loss_of(indices)`` is a batch's loss. It stops early
+        as ``epoch_end`` says, or when the time is up, and restores the best epoch (``finish``)."""
+        for epoch in range(1, epochs + 1):
+            if not n or self.out_of_time():  # nothing to learn from: the initial weights stay
+                break
+            self.model.train()
+            perm = torch.randperm(n, generator=g)
+            total, steps = 0.0, 0
+            for s in range(0, n, batch):
+                loss = loss_of(perm[s:s + batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total, steps = total + loss.item(), steps + 1
+                if self.step():
+                    break
+            if self.epoch_end(epoch, total / max(1, steps)):
+                break
+        self.finish()
+
 
 @torch.no_grad()
 def valid_ndcg10(model, histories, truths, batch: int = 1024) -> float:
@@ -240,32 +262,20 @@ class TwoTower(nn.Module):
         targets = torch.tensor(targets, dtype=torch.long)
         ar = torch.arange(-L, 0)
         opt = torch.optim.Adam(self.parameters(), lr=lr)
-        stop = _EarlyStopping(self, valid, patience, patience_steps, max_minutes, log)
-        for epoch in range(1, epochs + 1):
-            if not len(targets) or stop.out_of_time():
-                break
-            self.train()
-            perm = targets[torch.randperm(len(targets), generator=g)]
-            total, steps = 0.0, 0
-            for s in range(0, len(perm), batch):
-                p = perm[s:s + batch]
-                x, tgt = flat[p.unsqueeze(1) + ar], flat[p] - 1
-                u = nn.functional.normalize(self._users(x), dim=-1)
-                cand = torch.cat([tgt, torch.randint(0, self.n_items, (negatives,), generator=g)])
-                iv = nn.functional.normalize(self._item_vecs(cand + 1), dim=-1)
-                logits = u @ iv.T / self.t  # the other rows' positives are negatives too
-                same = tgt.unsqueeze(1) == cand.unsqueeze(0)
-                same[torch.arange(len(p)), torch.arange(len(p))] = False
-                loss = nn.functional.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(len(p)))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total, steps = total + loss.item(), steps + 1
-                if stop.step():
-                    break
-            if stop.epoch_end(epoch, total / max(1, steps)):
-                break
-        stop.finish()
+
+        def loss_of(idx):
+            p = targets[idx]
+            x, tgt = flat[p.unsqueeze(1) + ar], flat[p] - 1
+            u = nn.functional.normalize(self._users(x), dim=-1)
+            cand = torch.cat([tgt, torch.randint(0, self.n_items, (negatives,), generator=g)])
+            iv = nn.functional.normalize(self._item_vecs(cand + 1), dim=-1)
+            logits = u @ iv.T / self.t  # the other rows' positives are negatives too
+            same = tgt.unsqueeze(1) == cand.unsqueeze(0)
+            same[torch.arange(len(p)), torch.arange(len(p))] = False
+            return nn.functional.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(len(p)))
+
+        _EarlyStopping(self, valid, patience, patience_steps, max_minutes, log).run(
+            opt, epochs, len(targets), batch, g, loss_of)
         return self
 
     def valid_ndcg10(self, histories, truths, batch: int = 1024) -> float:
@@ -455,25 +465,8 @@ class SASRec(nn.Module):
         tgt = self._pad([w[1:] for w in windows]) - 1  # -1: padding, never a target
         opt = torch.optim.Adam(self.parameters(), lr=lr)
         g = torch.Generator().manual_seed(seed)
-        stop = _EarlyStopping(self, valid, patience, patience_steps, max_minutes, log)
-        for epoch in range(1, epochs + 1):
-            if not windows or stop.out_of_time():  # nothing to learn from: the initial weights stay
-                break
-            self.train()
-            perm = torch.randperm(len(inp), generator=g)
-            total, steps = 0.0, 0
-            for s in range(0, len(inp), batch):
-                b = perm[s:s + batch]
-                loss = self._loss(inp[b], tgt[b])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total, steps = total + loss.item(), steps + 1
-                if stop.step():
-                    break
-            if stop.epoch_end(epoch, total / max(1, steps)):
-                break
-        stop.finish()
+        _EarlyStopping(self, valid, patience, patience_steps, max_minutes, log).run(
+            opt, epochs, len(windows), batch, g, lambda b: self._loss(inp[b], tgt[b]))
         return self
 
     def valid_ndcg10(self, histories, truths, batch: int = 1024) -> float:
