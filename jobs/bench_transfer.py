@@ -31,7 +31,11 @@ every item token starts from a fresh vector, the layers and the prompt tokens tr
 reuses the scratch arm of the in-domain run's ``bench_transfer.json`` (same data, shares and steps: the same run).
 
 Under ``--out DIR`` (default runs/transfer): ``data/``, ``train/``, ``ss_bundle/``, ``scratch_<p>/``,
-``pretrained_<p>/`` (each bundle with its ``metrics_test.json``) and ``bench_transfer.json``.
+``pretrained_<p>/``, ``matched_<p>/`` (each bundle with its ``metrics_test.json``) and ``bench_transfer.json``.
+
+``--matched-scratch`` adds the compute-matched control: scratch for ``--pretrain-steps + --finetune-steps`` steps,
+as many optimizer steps as the pretrained arm had in its two stages, so that the table tells the pretrain's
+unlabelled data and objective apart from its extra steps.
 """
 from __future__ import annotations
 
@@ -72,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="early stopping of the fine-tunes and scratch runs (default 0: off, every run spends the whole "
                          "step budget and exports its best epoch; with a small share the validation users are few and "
                          "noisy, and the recipe's patience stopped one arm after a third of its steps)")
+    ap.add_argument("--matched-scratch", action="store_true",
+                    help="a third arm, the compute-matched control: scratch for --pretrain-steps + --finetune-steps "
+                         "steps, the pretrained arm's optimizer steps in all (the same budget of steps as the two "
+                         "stages; it tells the pretrain's data and objective apart from its extra steps)")
     ap.add_argument("--max-minutes", type=float, default=0.0, metavar="N",
                     help="a time limit of every run on top of its steps (default 0: none; a time budget is not "
                          "the same budget for two runs on a shared machine, steps are)")
@@ -186,13 +194,14 @@ def configs(args, stamp: int):
         from recflm.evaluate import EvalConfig
 
         init = source if kind == "pretrained" else ""
+        steps = args.finetune_steps + (args.pretrain_steps if kind == "matched" else 0)
         catalog = "keep"
         if init and args.source_bundle:  # another source's bundle: the data's catalog replaces its own
             import pandas as pd
 
             same = catalog_relation(pd.read_parquet(Path(init) / "items.parquet"), tcfg.data) == "same"
             catalog = "keep" if same else "replace"
-        t = dataclasses.replace(tcfg, users_share=share, max_steps=args.finetune_steps, max_minutes=args.max_minutes,
+        t = dataclasses.replace(tcfg, users_share=share, max_steps=steps, max_minutes=args.max_minutes,
                                 patience=args.patience,
                                 name=f"{kind}_{share:g}_{stamp}", out=str(out / f"{kind}_{share:g}"),
                                 init_bundle=init, catalog=catalog)
@@ -207,25 +216,48 @@ def _metric(res: dict, name: str):
     return res.get("recflm", {}).get("sequential/seen", {}).get(name)
 
 
+def _change(new: float, old: float) -> str:
+    return f"{(new / old - 1) * 100:+.0f}%" if old else "—"
+
+
 def format_table(rows: list[dict], objective: list[str] | None = None) -> str:
-    """The table; ``objective``: the self-supervised families of the pretrained arm's source bundle."""
+    """The table; ``objective``: the self-supervised families of the pretrained arm's source bundle. Rows with a
+    ``matched`` arm (``--matched-scratch``) get its columns and the pretrained arm's change against it."""
+    matched = any("matched" in r for r in rows)
     head = (f"{'users':>6} {'share':>6} {'scratch NDCG@10':>16} {'HR@10':>7} {'pretrained NDCG@10':>19} "
-            f"{'HR@10':>7} {'change':>8} {'epochs s/p':>11}")
+            f"{'HR@10':>7} {'change':>8}")
+    if matched:
+        head += f" {'matched NDCG@10':>16} {'HR@10':>7} {'vs matched':>11}"
+    head += f" {'epochs s/p' + ('/m' if matched else ''):>13}"
     lines = ["sequential full ranking on the test split of every user (seen items excluded); the same "
              "fine-tune budget" + (f"; pretrained: from a self-supervised bundle of objective {'+'.join(objective)}"
-                                   if objective else ""), head, "-" * len(head)]
+                                   if objective else "")
+             + ("; matched: scratch for the pretrained arm's steps in all (pretrain + fine-tune)" if matched else ""),
+             head, "-" * len(head)]
     for r in rows:
-        s, p = r["scratch"], r["pretrained"]
-        change = f"{(p['ndcg10'] / s['ndcg10'] - 1) * 100:+.0f}%" if s["ndcg10"] else "—"
-        lines.append(f"{r['users']:>6} {r['share']:>6g} {s['ndcg10']:>16.4f} {s['hr10']:>7.4f} {p['ndcg10']:>19.4f} "
-                     f"{p['hr10']:>7.4f} {change:>8} {str(s['epochs']) + '/' + str(p['epochs']):>11}")
+        s, p, m = r["scratch"], r["pretrained"], r.get("matched")
+        line = (f"{r['users']:>6} {r['share']:>6g} {s['ndcg10']:>16.4f} {s['hr10']:>7.4f} {p['ndcg10']:>19.4f} "
+                f"{p['hr10']:>7.4f} {_change(p['ndcg10'], s['ndcg10']):>8}")
+        epochs = f"{s['epochs']}/{p['epochs']}"
+        if matched:
+            line += (f" {m['ndcg10']:>16.4f} {m['hr10']:>7.4f} {_change(p['ndcg10'], m['ndcg10']):>11}" if m
+                     else f" {'—':>16} {'—':>7} {'—':>11}")
+            epochs += f"/{m['epochs'] if m else '—'}"
+        lines.append(f"{line} {epochs:>13}")
     return "\n".join(lines)
 
 
 def summary_line(rows: list[dict], minutes: float, objective: list[str] | None = None) -> str:
-    parts = " ".join(f"p={r['share']:g}:{r['scratch']['ndcg10']:.4f}/{r['pretrained']['ndcg10']:.4f}" for r in rows)
+    matched = any("matched" in r for r in rows)
+
+    def arms(r):
+        out = f"{r['scratch']['ndcg10']:.4f}/{r['pretrained']['ndcg10']:.4f}"
+        return out + (f"/{r['matched']['ndcg10']:.4f}" if "matched" in r else "/-" if matched else "")
+
+    parts = " ".join(f"p={r['share']:g}:{arms(r)}" for r in rows)
     obj = f" objective={'+'.join(objective)}" if objective else ""
-    return f"SUMMARY bench_transfer ndcg10 scratch/pretrained {parts}{obj} minutes={minutes:.1f}"
+    kinds = "scratch/pretrained" + ("/matched" if matched else "")
+    return f"SUMMARY bench_transfer ndcg10 {kinds} {parts}{obj} minutes={minutes:.1f}"
 
 
 def main(argv=None) -> int:
@@ -256,7 +288,7 @@ def main(argv=None) -> int:
         rows = []
         for share in args.share_list:
             row = {"share": share}
-            for kind in ("scratch", "pretrained"):
+            for kind in ("scratch", "pretrained") + (("matched",) if args.matched_scratch else ()):
                 if kind == "scratch" and share in reused:
                     row[kind] = dict(reused[share], reused_from=args.scratch_from)
                     print(f"bench_transfer: share {share:g} scratch: NDCG@10 {row[kind]['ndcg10']:.4f} "
@@ -284,7 +316,8 @@ def main(argv=None) -> int:
     line = summary_line(rows, minutes, objective)
     Path(args.out, "bench_transfer.json").write_text(json.dumps(
         {"source": args.table or "bundled", "source_bundle": args.source_bundle, "objective_families": objective,
-         "rows": rows, "pretrain_steps": args.pretrain_steps,
+         "rows": rows, "pretrain_steps": args.pretrain_steps, "matched_scratch_steps":
+             args.pretrain_steps + args.finetune_steps if args.matched_scratch else None,
          "ss_train_minutes": round(ss_minutes, 2), "finetune_steps": args.finetune_steps,
          "self_supervised_config": to_dict(ss), "minutes": round(minutes, 2), "summary": line},
         indent=2, default=float))

@@ -111,3 +111,25 @@ def test_scratch_arm_reused_only_from_the_same_run(tmp_path):
         reused_scratch(str(f), str(tmp_path / "other"), [0.1], 300)
     with pytest.raises(FileNotFoundError, match="--scratch-from"):
         reused_scratch(str(tmp_path / "missing.json"), str(data), [0.1], 300)
+
+
+def test_matched_scratch_arm_has_the_pretrained_arms_steps_in_all(tmp_path):
+    args = parse_args(["--bundled", "--out", str(tmp_path), "--shares", "1", "--finetune-steps", "400",
+                       "--pretrain-steps", "600", "--matched-scratch"])
+    _, ss, run = configs(args, stamp=5)
+    matched, e = run("matched", 1.0)
+    scratch, _ = run("scratch", 1.0)
+    assert matched.max_steps == ss.max_steps + scratch.max_steps == 1000 and matched.init_bundle == ""
+    assert matched.out == str(tmp_path / "matched_1") and e.bundle == matched.out and matched.name != scratch.name
+    assert not parse_args(["--bundled"]).matched_scratch  # off by default
+    rows = [{"share": 1.0, "users": 610, "scratch": {"ndcg10": 0.02, "hr10": 0.04, "epochs": 7},
+             "pretrained": {"ndcg10": 0.04, "hr10": 0.08, "epochs": 7},
+             "matched": {"ndcg10": 0.05, "hr10": 0.09, "epochs": 17}},
+            {"share": 0.3, "users": 610, "scratch": {"ndcg10": 0.02, "hr10": 0.04, "epochs": 20},
+             "pretrained": {"ndcg10": 0.03, "hr10": 0.05, "epochs": 20}}]
+    table = format_table(rows).splitlines()
+    assert "matched NDCG@10" in table[1] and "epochs s/p/m" in table[1]
+    assert "+100%" in table[3] and "-20%" in table[3] and "0.0500" in table[3] and "7/7/17" in table[3]
+    assert "20/20/—" in table[4] and "-20%" not in table[4]
+    assert summary_line(rows, 2) == ("SUMMARY bench_transfer ndcg10 scratch/pretrained/matched "
+                                     "p=1:0.0200/0.0400/0.0500 p=0.3:0.0200/0.0300/- minutes=2.0")
