@@ -3,6 +3,11 @@
 ``RecT5`` adds an embedding of each token's whole-word index to the encoder's token embeddings, in
 training and in generation alike (P5's released evaluation dropped it at test time; we do not).
 Presets go from ``tiny`` (tests) to ``base`` (T5-base geometry). No pretrained weights are loaded.
+
+Item features (``TrainConfig.item_features``): each item token's embedding, wherever the model reads or scores
+it (encoder and decoder inputs, the output layer), is its own vector plus the mean embedding of the item's
+attribute values (Toys attribute ids, MovieLens genres), as SASRec-with-features and the two-tower's item tower
+do: an item with few interactions borrows what its attributes learnt from the others.
 """
 from __future__ import annotations
 
@@ -33,6 +38,21 @@ class RecT5(T5ForConditionalGeneration):
         super().__init__(config)
         self.whole_word_embed = nn.Embedding(getattr(config, "max_whole_word", MAX_WHOLE_WORD), config.d_model)
         nn.init.normal_(self.whole_word_embed.weight, std=0.02)
+        n_attrs = int(getattr(config, "item_feature_attrs", 0) or 0)
+        if n_attrs:
+            # attribute value 0 is padding; item_feature_index[token] lists the token's attribute values
+            self.item_feature_embed = nn.Embedding(n_attrs + 1, config.d_model, padding_idx=0)
+            nn.init.normal_(self.item_feature_embed.weight, std=0.02)
+            with torch.no_grad():
+                self.item_feature_embed.weight[0].zero_()
+            self.register_buffer("item_feature_index", torch.zeros(config.vocab_size, int(config.item_feature_slots),
+                                                                   dtype=torch.long))
+            # before the input scale hook below: the features enter at the token's scale (the stacks' embed_tokens
+            # may be modules of their own, sharing the weights)
+            for emb in {id(m): m for m in (self.shared, self.encoder.embed_tokens, self.decoder.embed_tokens)}.values():
+                emb.register_forward_hook(lambda _m, inp, out: out + self._features(inp[0]).to(out.dtype))
+            self.lm_head.register_forward_hook(
+                lambda _m, inp, out: out + nn.functional.linear(inp[0], self._features().to(inp[0].dtype)))
         scale = float(getattr(config, "input_scale", 1.0))
         if scale != 1.0:
             # token embeddings enter both stacks times ``input_scale`` (the output logits use them unscaled):
@@ -40,6 +60,22 @@ class RecT5(T5ForConditionalGeneration):
             for emb in {id(m): m for m in (self.shared, self.encoder.embed_tokens, self.decoder.embed_tokens)}.values():
                 emb.register_forward_hook(lambda _m, _i, out, s=scale: out * s)
             self.whole_word_embed.register_forward_hook(lambda _m, _i, out, s=scale: out * s)
+
+    def _features(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The attribute part of the embeddings of ``ids`` (any shape, + (d,)), or of every token (V, d)."""
+        index = self.item_feature_index if ids is None else self.item_feature_index[ids.reshape(-1)]
+        out = nn.functional.embedding_bag(index, self.item_feature_embed.weight, mode="mean", padding_idx=0)
+        return out if ids is None else out.view(*ids.shape, -1)
+
+    def set_item_features(self, tokens: list[int], attrs: list[list[int]]) -> None:
+        """Item ``tokens[i]`` has the attribute values ``attrs[i]`` (1..item_feature_attrs; at most
+        item_feature_slots of them kept); every other token has none."""
+        K = self.item_feature_index.shape[1]
+        index = torch.zeros_like(self.item_feature_index)
+        for t, a in zip(tokens, attrs):
+            a = list(a)[:K]
+            index[int(t), :len(a)] = torch.as_tensor(a, dtype=torch.long)
+        self.item_feature_index.copy_(index)
 
     def _embed(self, input_ids, whole_word_ids):
         emb = self.shared(input_ids)
@@ -138,6 +174,9 @@ def build_model(preset: str, vocab_size: int, pad_id: int = 0, eos_id: int = 1, 
         with torch.no_grad():
             model.shared.weight.normal_(0.0, embed_std)
             model.whole_word_embed.weight.normal_(0.0, embed_std)
+            if hasattr(model, "item_feature_embed"):
+                model.item_feature_embed.weight.normal_(0.0, embed_std)
+                model.item_feature_embed.weight[0].zero_()
     return model
 
 
@@ -176,3 +215,10 @@ def adapt_embeddings(model: RecT5, vocab_size: int, fresh: list, seed: int = 0) 
     else:
         grow(model.lm_head)
     model.config.vocab_size = model.shared.weight.shape[0]
+    if hasattr(model, "item_feature_index"):  # new and fresh tokens have no attributes (their meaning is new)
+        old = model.item_feature_index
+        index = torch.zeros(model.config.vocab_size, old.shape[1], dtype=old.dtype)
+        index[:len(old)] = old
+        fresh_rows = [int(i) for i in fresh if 0 <= int(i) < len(index)]
+        index[fresh_rows] = 0
+        model.item_feature_index = index

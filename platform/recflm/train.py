@@ -83,6 +83,10 @@ class TrainConfig:
     patience: int = 0  # early stopping: stop after this many epochs without a better val_ndcg10 (0: off)
     select_best: bool = True  # export the epoch with the best val_ndcg10, not the last step
     dropout: float | None = None  # model dropout_rate (None: the preset's 0.1, or the bundle's)
+    # add an embedding of each item's attribute values (the catalog's attributes: MovieLens genres, an item table's
+    # attrs column) to its token's input and output embedding (one token per item): rare items borrow what
+    # their attributes learnt from the others. A fresh model only (a fine-tune keeps its bundle's choice)
+    item_features: bool = False
     label_smoothing: float = 0.0
     augment: dict = field(default_factory=dict)  # overrides of the dataset's augment.* settings, e.g. {crop: 0.3}
     prompts: dict = field(default_factory=dict)  # overrides of the dataset's prompts.* settings
@@ -311,14 +315,21 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tok = RecTokenizer.from_str(config["tokenizer"])
     dropout = {} if config["dropout"] is None else {"dropout_rate": float(config["dropout"])}
+    feats = config.get("item_feature_table") or {}
     if config["init_bundle"]:
         model = RecT5.from_pretrained(config["init_bundle"], use_safetensors=True, **dropout)
         if tok.vocab_size != model.config.vocab_size or config.get("fresh_tokens"):  # another catalog
             from .model import adapt_embeddings
 
             adapt_embeddings(model, tok.vocab_size, config.get("fresh_tokens") or [], config["seed"])
+        if feats and hasattr(model, "item_feature_index"):  # the (extended) catalog's items by their attributes
+            model.set_item_features(feats["tokens"], feats["attrs"])
     else:
-        model = build_model(config["preset"], tok.vocab_size, tok.pad_id, tok.eos_id, **dropout)
+        extra = {"item_feature_attrs": feats["n_attrs"], "item_feature_slots": feats["slots"],
+                 "item_feature_values": feats["values"]} if feats else {}
+        model = build_model(config["preset"], tok.vocab_size, tok.pad_id, tok.eos_id, **dropout, **extra)
+        if feats:
+            model.set_item_features(feats["tokens"], feats["attrs"])
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
@@ -722,6 +733,7 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         raise ConfigError("prompts.rating_style='dense' needs one token per item: set item_token_mode=token")
     tok_path = run_dir / "tokenizer.json"
     fresh_tokens: list = []  # a fine-tune on another catalog: the item tokens that start from fresh vectors
+    relation = "same"
     if cfg.init_bundle:
         from .bundle import BundleError, check_catalog_mode
 
@@ -804,9 +816,46 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
                 "val_rank": [] if self_supervised else _val_ranking(data, pcfg, cfg.val_users, cfg.seed,
                                                                      cfg.users_share),
                 "catalog_ids": data.id_texts,
+                "item_feature_table": _item_feature_table(cfg, data, tok_path, relation),
                 "init_bundle": str(Path(cfg.init_bundle).resolve()) if cfg.init_bundle else "",
                 "fresh_tokens": fresh_tokens}
     return TrainSetup(cfg, name, storage, run_dir, {"train": train_ds, "val": val_ds}, loop_cfg, clock)
+
+
+ITEM_FEATURE_SLOTS = 32  # attribute values kept per item (Toys items have 2 to 31)
+
+
+def _item_feature_table(cfg: TrainConfig, data, tok_path, relation: str = "same") -> dict:
+    """``item_features``: each item's token and its attribute values as ids 1..n_attrs (the values of the
+    catalog's ``attributes`` lists, in order of first appearance; ``values``: the value of each id), for
+    ``RecT5.set_item_features``; {} when off. A fine-tune of a bundle with item features, on its catalog or one
+    that extends it (``relation``): the data's items by the bundle's values (new items borrow the vectors of the
+    values the bundle knows; values it never saw are dropped); another domain's items (replace) get none."""
+    from .tokenizer import RecTokenizer
+
+    if cfg.init_bundle:
+        bcfg = json.loads(Path(cfg.init_bundle, "config.json").read_text())
+        known = bcfg.get("item_feature_values") or []
+        if not known or relation not in ("same", "extends"):
+            return {}
+        index = {v: i + 1 for i, v in enumerate(known)}
+        ids = [[index[str(v)] for v in a if str(v) in index][:ITEM_FEATURE_SLOTS] for a in data.catalog["attributes"]]
+        return {"n_attrs": len(known), "slots": int(bcfg["item_feature_slots"]), "values": known,
+                "tokens": RecTokenizer.load(tok_path).item_token_ids(data.id_texts), "attrs": ids}
+    if not cfg.item_features:
+        return {}
+    if cfg.item_token_mode != "token":
+        raise ConfigError("item_features=true needs one token per item: set item_token_mode=token")
+    attrs = [list(a) for a in data.catalog["attributes"]]
+    if not any(attrs):
+        raise ConfigError(f"item_features=true: the catalog of {cfg.data} has no item attributes (prepare "
+                          "MovieLens with its genres, or give an item table: --items FILE --item-columns "
+                          "item=COL,attrs=COL)")
+    vocab: dict = {}
+    ids = [[vocab.setdefault(str(v), len(vocab) + 1) for v in a][:ITEM_FEATURE_SLOTS] for a in attrs]
+    tokens = RecTokenizer.load(tok_path).item_token_ids(data.id_texts)
+    return {"n_attrs": len(vocab), "slots": max(len(a) for a in ids), "values": list(vocab), "tokens": tokens,
+            "attrs": ids}
 
 
 def _fit_catalog(tok, old_catalog, id_texts: list, relation: str, log=print) -> list[int]:

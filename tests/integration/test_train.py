@@ -243,7 +243,7 @@ def test_next_objective_pretrain_then_dense_finetune(bundled_dataset, tmp_path):
 
     data, _, _ = bundled_dataset
     ss = cfg(data, tmp_path, workers=0, max_steps=10, name="nx", objective="self-supervised", item_token_mode="token",
-             families=["next"], prompts={"dense_max_len": 20})
+             families=["next"], prompts={"dense_max_len": 20}, item_features=True)
     # refused: a labelled family among the objective's, and next without one token per item
     with pytest.raises(ConfigError, match="'sequential' is a labelled task family"):
         run(dataclasses.replace(ss, families=["next", "sequential"], name="bad1"), log=lambda *a: None)
@@ -274,6 +274,12 @@ def test_next_objective_pretrain_then_dense_finetune(bundled_dataset, tmp_path):
     enc = b.tokenizer.encode_batch(list(ex["source"]) + list(ex["target"]), with_whole_word=False)
     assert not (enc["input_ids"] == unk).any()
     assert len(b.tokenizer.item_token_ids(list(b.catalog["id_text"]))) == len(b.catalog)
+    # item features: each movie's token reads its genres, through the bundle's save and load
+    values = b.model.config.item_feature_values
+    assert "Comedy" in values and b.model.config.item_feature_attrs == len(values)
+    first = b.catalog.iloc[0]
+    row = b.model.item_feature_index[b.tokenizer.item_token_ids([first["id_text"]])[0]]
+    assert sorted(values[int(a) - 1] for a in row if a) == sorted(first["attributes"])
     # the fine-tune on the labelled dense sequential family, from the bundle's weights and tokenizer
     ft = cfg(data, tmp_path, workers=0, max_steps=10, name="ftn", out=str(tmp_path / "ftn"), init_bundle=str(out),
              families=["sequential"], prompts={"sequential_style": "dense"}, val_users=10)
@@ -282,3 +288,6 @@ def test_next_objective_pretrain_then_dense_finetune(bundled_dataset, tmp_path):
     assert fb.tokenizer.to_str() == b.tokenizer.to_str() and fb.manifest["inference"]["sequential"] == "dense"
     assert {k for m in history(ft) for k in m if k.startswith("loss/")} == {"loss/sequential"}
     assert 0 <= history(ft)[-1]["val_ndcg10"] <= 1
+    # the fine-tune keeps them (the same catalog, the same values) and trains them further
+    assert torch.equal(fb.model.item_feature_index, b.model.item_feature_index)
+    assert not torch.equal(fb.model.item_feature_embed.weight, b.model.item_feature_embed.weight)
