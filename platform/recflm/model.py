@@ -63,9 +63,25 @@ class RecT5(T5ForConditionalGeneration):
 
     def _features(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The attribute part of the embeddings of ``ids`` (any shape, + (d,)), or of every token (V, d)."""
-        index = self.item_feature_index if ids is None else self.item_feature_index[ids.reshape(-1)]
-        out = nn.functional.embedding_bag(index, self.item_feature_embed.weight, mode="mean", padding_idx=0)
-        return out if ids is None else out.view(*ids.shape, -1)
+        if ids is None:
+            return self._all_features()
+        out = nn.functional.embedding_bag(self.item_feature_index[ids.reshape(-1)], self.item_feature_embed.weight,
+                                          mode="mean", padding_idx=0)
+        return out.view(*ids.shape, -1)
+
+    def _all_features(self) -> torch.Tensor:
+        """Every token's attribute part (V, d), for the output layer. Without gradients (evaluation, serving,
+        each decoding step) it is computed once per state of the weights and the index: any in-place change
+        (an optimizer step, a load, ``set_item_features``) bumps their version and so recomputes it."""
+        w, index = self.item_feature_embed.weight, self.item_feature_index
+        if torch.is_grad_enabled():
+            return nn.functional.embedding_bag(index, w, mode="mean", padding_idx=0)
+        key = (w.data_ptr(), w._version, w.dtype, index.data_ptr(), index._version, tuple(index.shape))
+        cached = self.__dict__.get("_all_features_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, nn.functional.embedding_bag(index, w, mode="mean", padding_idx=0))
+            self.__dict__["_all_features_cache"] = cached
+        return cached[1]
 
     def set_item_features(self, tokens: list[int], attrs: list[list[int]]) -> None:
         """Item ``tokens[i]`` has the attribute values ``attrs[i]`` (1..item_feature_attrs; at most

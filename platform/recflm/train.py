@@ -322,14 +322,12 @@ def train_loop(config: dict) -> None:
             from .model import adapt_embeddings
 
             adapt_embeddings(model, tok.vocab_size, config.get("fresh_tokens") or [], config["seed"])
-        if feats and hasattr(model, "item_feature_index"):  # the (extended) catalog's items by their attributes
-            model.set_item_features(feats["tokens"], feats["attrs"])
     else:
         extra = {"item_feature_attrs": feats["n_attrs"], "item_feature_slots": feats["slots"],
                  "item_feature_values": feats["values"]} if feats else {}
         model = build_model(config["preset"], tok.vocab_size, tok.pad_id, tok.eos_id, **dropout, **extra)
-        if feats:
-            model.set_item_features(feats["tokens"], feats["attrs"])
+    if feats and hasattr(model, "item_feature_index"):  # the (extended) catalog's items by their attributes
+        model.set_item_features(feats["tokens"], feats["attrs"])
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
@@ -852,7 +850,7 @@ def _item_feature_table(cfg: TrainConfig, data, tok_path, relation: str = "same"
                           "MovieLens with its genres, or give an item table: --items FILE --item-columns "
                           "item=COL,attrs=COL)")
     vocab: dict = {}
-    ids = [[vocab.setdefault(str(v), len(vocab) + 1) for v in a][:ITEM_FEATURE_SLOTS] for a in attrs]
+    ids = [[vocab.setdefault(str(v), len(vocab) + 1) for v in a[:ITEM_FEATURE_SLOTS]] for a in attrs]
     tokens = RecTokenizer.load(tok_path).item_token_ids(data.id_texts)
     return {"n_attrs": len(vocab), "slots": max(len(a) for a in ids), "values": list(vocab), "tokens": tokens,
             "attrs": ids}

@@ -132,3 +132,36 @@ def test_the_feature_table_from_a_catalog_and_its_errors(tmp_path):
     assert _item_feature_table(ft, grown, tmp_path / "tok.json", "other") == {}
     with pytest.raises(ConfigError, match="one token per item"):
         _item_feature_table(TrainConfig(item_features=True, item_token_mode="pieces"), data, tmp_path / "tok.json")
+
+
+def test_the_output_layer_features_follow_every_change_of_the_weights_without_gradients(setup):
+    tok, _, tokens = setup
+    torch.manual_seed(0)
+    model = build_model("tiny", tok.vocab_size, item_feature_attrs=4, item_feature_slots=3).eval()
+    model.set_item_features(list(tokens.values()), list(ATTRS.values()))
+    t1 = tokens["i1"]
+    with torch.no_grad():
+        first = model._all_features()
+        assert model._all_features() is first  # computed once per state of the weights
+        assert torch.allclose(first[t1], feature(model, [1, 2]))
+        model.item_feature_embed.weight[1] += 1.0  # as an optimizer step does, in place
+        assert torch.allclose(model._all_features()[t1], feature(model, [1, 2]))
+        model.set_item_features([t1], [[3]])
+        assert torch.allclose(model._all_features()[t1], feature(model, [3]))
+        assert model._all_features()[tokens["i3"]].abs().sum() == 0
+    with torch.enable_grad():
+        assert model._all_features().requires_grad  # training never reads the cache
+
+
+def test_the_slot_cap_reserves_no_values_it_drops(tmp_path):
+    from recflm import train
+
+    tok = train_tokenizer(["a b c"] * 5, vocab_size=100, item_tokens=["1", "2"])
+    tok.save(tmp_path / "tok.json")
+    many = [f"v{i}" for i in range(train.ITEM_FEATURE_SLOTS + 3)]
+    data = SimpleNamespace(catalog=pd.DataFrame({"id_text": ["1", "2"], "attributes": [many, ["v0"]]}),
+                           id_texts=["1", "2"])
+    table = _item_feature_table(TrainConfig(item_features=True, item_token_mode="token", data="runs/d"), data,
+                                tmp_path / "tok.json")
+    assert table["n_attrs"] == train.ITEM_FEATURE_SLOTS == table["slots"] == len(table["values"])
+    assert table["attrs"][1] == [1]
