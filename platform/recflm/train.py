@@ -743,6 +743,12 @@ def setup(cfg: TrainConfig, log=print, counts: dict | None = None) -> TrainSetup
         btok = base.tokenizer
         if relation != "same":
             fresh_tokens = _fit_catalog(btok, base.catalog, data.id_texts, relation, log)
+        if rated:  # a bundle of a domain without ratings (e.g. Toys), fine-tuned to rate in the dense style
+            added = _add_tokens(btok, [t for t in rating_tokens(pcfg.rating_min, pcfg.rating_max)
+                                       if btok.hf.token_to_id(t) is None])
+            if added:
+                log(f"finetune: {len(added)} rating tokens new to the bundle, from fresh vectors")
+            fresh_tokens += added
         btok.save(tok_path)
     elif not tok_path.exists():
         texts = example_dataset(cfg.data, pcfg, split="train", epoch=0, families=cfg.families,
@@ -861,21 +867,28 @@ def _fit_catalog(tok, old_catalog, id_texts: list, relation: str, log=print) -> 
     one token per item, the data's item IDs that are not tokens yet are added. Returns the token ids that start
     from fresh vectors: the new items' (extend), or every item of the data's (replace: an ID text of the old
     catalog names another item now). Sub-word IDs (pieces) need no new token."""
-    from tokenizers import AddedToken
-
     old = [str(t) for t in old_catalog["id_text"]]
     one_token = bool(old) and all(tok.hf.token_to_id(t) is not None and t in tok.added for t in old[:50])
     if not one_token:
         log(f"finetune: catalog {relation}: sub-word item IDs, no new tokens")
         return []
     missing = [str(t) for t in id_texts if str(t) not in tok.added]
-    if missing:
-        tok.hf.add_tokens([AddedToken(str(t), single_word=True, normalized=False) for t in missing])
-        tok.__init__(tok.hf)  # vocab size and added tokens
-    fresh = list(missing) if relation == "extends" else list(id_texts)
+    added = _add_tokens(tok, missing)
+    fresh = added if relation == "extends" else [int(tok.hf.token_to_id(str(t))) for t in id_texts]
     log(f"finetune: catalog {'extended' if relation == 'extends' else 'replaced'}: {len(missing)} new item tokens, "
         f"{len(fresh)} items from fresh vectors")
-    return [int(tok.hf.token_to_id(str(t))) for t in fresh]
+    return fresh
+
+
+def _add_tokens(tok, texts: list) -> list[int]:
+    """Add ``texts`` to a bundle's tokenizer as whole tokens (item IDs, rating values); their new token ids."""
+    from tokenizers import AddedToken
+
+    if not texts:
+        return []
+    tok.hf.add_tokens([AddedToken(str(t), single_word=True, normalized=False) for t in texts])
+    tok.__init__(tok.hf)  # vocab size and added tokens
+    return [int(tok.hf.token_to_id(str(t))) for t in texts]
 
 
 def make_trainer(s: TrainSetup, callbacks: list | None = None):

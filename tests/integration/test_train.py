@@ -291,3 +291,61 @@ def test_next_objective_pretrain_then_dense_finetune(bundled_dataset, tmp_path):
     # the fine-tune keeps them (the same catalog, the same values) and trains them further
     assert torch.equal(fb.model.item_feature_index, b.model.item_feature_index)
     assert not torch.equal(fb.model.item_feature_embed.weight, b.model.item_feature_embed.weight)
+
+
+def test_cross_domain_finetune_replaces_the_catalog(bundled_dataset, tmp_path):
+    """A self-supervised bundle of another domain (a shop log without ratings, other users and items) fine-tuned
+    on MovieLens: refused while the catalog would silently keep (or claim to extend) the shop's items, then with
+    catalog=replace every MovieLens item and every rating token starts from a fresh vector, the layers transfer,
+    and the bundle ranks and rates MovieLens's own items."""
+    import random
+
+    from recflm.config import ConfigError, PrepareConfig
+    from recflm.evaluate import EvalConfig, run as run_evaluate
+    from recflm.prepare import run as run_prepare
+    from recflm.prompts import rating_tokens
+    from recflm.tokenizer import RecTokenizer
+    from recflm.train import setup
+
+    rng = random.Random(3)
+    shop = tmp_path / "shop.csv"
+    shop.write_text("user,item,ts\n" + "".join(f"s{u},p{i},{1000 + 10 * u + j}\n" for u in range(30)
+                                               for j, i in enumerate(rng.sample(range(20), 6))))
+    src_data = tmp_path / "shop"
+    run_prepare(PrepareConfig(out=str(src_data), k_core=2, sources=[
+        {"type": "table", "path": str(shop), "name": "shop", "columns": {"user": "user", "item": "item", "ts": "ts"}}]),
+        log=lambda *a: None)
+    ss = cfg(src_data, tmp_path, workers=0, max_steps=6, name="shop_ss", out=str(tmp_path / "shop_ss"),
+             objective="self-supervised", item_token_mode="token", families=["next"], vocab_size=400, val_users=5)
+    b = load_bundle(run(ss, log=lambda *a: None))
+    assert not set(rating_tokens(1.0, 5.0)) & set(b.tokenizer.added)  # the shop has no ratings
+    data, _, _ = bundled_dataset
+    ml_items = pd.read_parquet(Path(data) / "items.parquet")
+    ft = cfg(data, tmp_path, workers=0, max_steps=6, name="xd", out=str(tmp_path / "xd"), init_bundle=str(b.path),
+             families=["sequential", "rating"], prompts={"sequential_style": "dense", "rating_style": "dense"},
+             val_users=5, log_every=2, checkpoint_every=6)
+    with pytest.raises(ConfigError, match="another catalog.*catalog=replace"):
+        run(ft, log=lambda *a: None)
+    with pytest.raises(ConfigError, match="does not extend"):
+        run(dataclasses.replace(ft, catalog="extend"), log=lambda *a: None)
+    ft = dataclasses.replace(ft, catalog="replace")
+    s = setup(ft, log=lambda *a: None)
+    tok = RecTokenizer.from_str(s.loop_cfg["tokenizer"])
+    items, ratings = tok.item_token_ids(list(ml_items["id_text"])), tok.item_token_ids(rating_tokens(1.0, 5.0))
+    assert sorted(s.loop_cfg["fresh_tokens"]) == sorted(items + ratings)  # every item and rating token is new
+    assert min(ratings) >= b.tokenizer.vocab_size  # added after the bundle's tokens
+    fb = load_bundle(run(ft, log=lambda *a: None))
+    assert fb.manifest["init_bundle"] == str(b.path) and len(fb.catalog) == len(ml_items)
+    assert fb.model.config.vocab_size == tok.vocab_size > b.model.config.vocab_size
+    assert {k for m in history(ft) for k in m if k.startswith("loss/")} == {"loss/sequential", "loss/rating"}
+    # the layers transfer (a few steps move them a little, not back to a random draw); the item rows start anew
+    cos = torch.nn.functional.cosine_similarity
+    q0, q1 = (m.encoder.block[0].layer[0].SelfAttention.q.weight.flatten() for m in (b.model, fb.model))
+    assert cos(q0, q1, dim=0) > 0.9
+    one = b.tokenizer.item_token_ids(["1"])[0]  # the shop's first item before, MovieLens's first item now
+    assert abs(float(cos(b.model.shared.weight[one], fb.model.shared.weight[one], dim=0))) < 0.5
+    # the replaced bundle evaluates on MovieLens (its catalog now): recommendations are MovieLens items
+    res = run_evaluate(EvalConfig(bundle=str(fb.path), data=str(data), split="test", max_users=20, cold_ks=[],
+                                  families=["sequential"], out=str(tmp_path / "m.json")), log=lambda *a: None)
+    seq = res["results"]["recflm"]["sequential/seen"]
+    assert seq["n"] == 20 and 0 <= seq["NDCG@10"] <= 1
