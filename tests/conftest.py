@@ -10,13 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT))
-from recflm.runtime import FOOTER_ACTORS  # noqa: E402  (recflm.runtime starts nothing on import)
+from recflm.runtime import FOOTER_ACTORS, PARQUET_V2  # noqa: E402  (recflm.runtime starts nothing on import)
 
 for k, v in {
     "RAY_AUTH_MODE": "disabled",
     "RAY_metrics_report_interval_ms": "1000",
     "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY": "hash_shuffle",
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": str(FOOTER_ACTORS),  # as ensure_ray (Ray's 32 per read hung a read)
+    "RAY_DATA_USE_DATASOURCE_V2": PARQUET_V2,  # as ensure_ray: the V1 Parquet reader (V2's actor pools hung reads)
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",

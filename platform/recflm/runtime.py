@@ -6,6 +6,8 @@ import socket
 
 
 FOOTER_ACTORS = 4  # Ray Data Parquet footer readers per read (Ray's default: 32), see ensure_ray
+# Ray Data's Parquet reader: "0" is the V1 reader (no footer-reading actor pool per read), see ensure_ray
+PARQUET_V2 = "0"
 
 
 def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -24,6 +26,12 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     # read_parquet: on a small machine, dozens of reads per run spawn hundreds of processes and a read
     # could wait forever for its pool; a few are plenty for a prepared dataset's handful of files
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(FOOTER_ACTORS))
+    # ... and even 4 of them per read hung a read on 2 cores once more (a test's read_parquet waited forever
+    # beside its idle pool, 2026-12-04), and starting them cost a test-sized training run 15 of its 55 s: the
+    # V1 reader lists files in the driver, with no actors. RAY_DATA_USE_DATASOURCE_V2=1 (an operator's choice)
+    # keeps V2.
+    os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", PARQUET_V2)
+    DataContext.get_current().use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"] not in ("0", "false", "False")
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY", "hash_shuffle")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError
-from .runtime import FOOTER_ACTORS
+from .runtime import FOOTER_ACTORS, PARQUET_V2
 
 HELP = "submit a stage (python -m jobs.STAGE) as a Ray job to a cluster and follow its logs"
 COMMON_ARGS = False  # STAGE and the job's own arguments are positionals of their own
@@ -40,6 +40,7 @@ JOB_ENV = {
     "PYTHONPATH": "platform",  # relative to the working_dir; the uploaded recflm comes before an installed one
     "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY": "hash_shuffle",
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": str(FOOTER_ACTORS),  # as runtime.ensure_ray
+    "RAY_DATA_USE_DATASOURCE_V2": PARQUET_V2,  # as runtime.ensure_ray: the Parquet reader without actor pools
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
