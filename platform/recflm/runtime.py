@@ -31,7 +31,8 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     # V1 reader lists files in the driver, with no actors. RAY_DATA_USE_DATASOURCE_V2=1 (an operator's choice)
     # keeps V2.
     os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", PARQUET_V2)
-    DataContext.get_current().use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"] not in ("0", "false", "False")
+    # read as Ray reads it where ray.data is imported after this (its env_bool: "1" or "true", any case)
+    DataContext.get_current().use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"].lower() in ("1", "true")
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DEFAULT_SHUFFLE_STRATEGY", "hash_shuffle")
